@@ -1,0 +1,96 @@
+"""Named model presets: ``tiny`` (CPU tests and the quickstart) and ``phi3-mini`` (official sizes)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+_PHI3_MINI: dict[str, Any] = {
+    "preset": "phi3-mini",
+    "vision": {
+        "image_size": 224,
+        "patch_size": 14,
+        "hidden_size": 1408,
+        "num_layers": 39,
+        "num_heads": 16,
+        "intermediate_size": 6144,
+        "layer_norm_eps": 1e-6,
+    },
+    "qformer": {
+        "hidden_size": 768,
+        "num_layers": 12,
+        "num_heads": 12,
+        "intermediate_size": 3072,
+        "cross_attention_frequency": 2,
+        "num_queries": 32,
+        "vocab_size": 30523,
+        "max_text_tokens": 256,
+        "tokenizer_dir": "",
+    },
+    "llm": {
+        "hidden_size": 3072,
+        "num_layers": 32,
+        "num_heads": 32,
+        "num_kv_heads": 32,
+        "intermediate_size": 8192,
+        "vocab_size": 32064,
+        "max_position_embeddings": 4096,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5,
+        "sliding_window": 2048,
+    },
+    "tokenizer_dir": "",
+    "inject_layer_idx": 6,
+    "ground_layer_idx": 31,
+}
+
+# Small enough to train on two CPU cores in seconds, deep enough that the injection
+# layer (1) and the grounding layer (3) differ, as in the official 6 / 31 split.
+_TINY: dict[str, Any] = {
+    "preset": "tiny",
+    "vision": {
+        "image_size": 56,
+        "patch_size": 14,
+        "hidden_size": 48,
+        "num_layers": 2,
+        "num_heads": 2,
+        "intermediate_size": 96,
+        "layer_norm_eps": 1e-6,
+    },
+    "qformer": {
+        "hidden_size": 48,
+        "num_layers": 2,
+        "num_heads": 2,
+        "intermediate_size": 96,
+        "cross_attention_frequency": 2,
+        "num_queries": 4,
+        "vocab_size": 0,
+        "max_text_tokens": 64,
+        "tokenizer_dir": "",
+    },
+    "llm": {
+        "hidden_size": 64,
+        "num_layers": 4,
+        "num_heads": 4,
+        "num_kv_heads": 4,
+        "intermediate_size": 128,
+        "vocab_size": 0,
+        "max_position_embeddings": 1024,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5,
+        "sliding_window": None,
+    },
+    "tokenizer_dir": "",
+    "inject_layer_idx": 1,
+    "ground_layer_idx": 3,
+    "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+}
+
+PRESETS: dict[str, dict[str, Any]] = {"tiny": _TINY, "phi3-mini": _PHI3_MINI}
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    """A deep copy of the named preset's values (``vocab_size: 0`` = taken from the tokenizer)."""
+    if name not in PRESETS:
+        raise ValueError(f"model.preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])

@@ -1,0 +1,212 @@
+"""Config dataclasses of the model core.
+
+These hold *architecture* and decoding settings only. Builders
+(:mod:`d2vlm_ray.model.builders`) turn them into constructor arguments; no
+``nn.Module`` ever receives a config object. Job configs (training, evaluation,
+serving) nest :class:`ModelConfig` and add their own sections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class VisionConfig:
+    """The frozen EVA ViT-g / BLIP-2 frame encoder.
+
+    Attributes:
+        image_size: Square input side in pixels (official 224).
+        patch_size: Patch side in pixels (official 14 → 16×16 patches).
+        hidden_size: Patch feature width C (official 1408).
+        num_layers: Transformer blocks kept (official 39 of EVA-G's 40; no final norm).
+        num_heads: Attention heads (official 16).
+        intermediate_size: MLP width (official 6144).
+        layer_norm_eps: LayerNorm epsilon (official 1e-6).
+    """
+
+    image_size: int = 224
+    patch_size: int = 14
+    hidden_size: int = 1408
+    num_layers: int = 39
+    num_heads: int = 16
+    intermediate_size: int = 6144
+    layer_norm_eps: float = 1e-6
+
+
+@dataclass
+class QFormerConfig:
+    """The query-conditioned compressor (InstructBLIP Q-Former plus the D2VLM aggregator).
+
+    Attributes:
+        hidden_size: Q-Former width (official 768).
+        num_layers: BERT layers (official 12).
+        num_heads: Attention heads (official 12).
+        intermediate_size: FFN width (official 3072).
+        cross_attention_frequency: A cross-attention block every N layers (official 2).
+        num_queries: Learned query tokens (official 32).
+        vocab_size: WordPiece vocabulary size (official 30523, bert-base-uncased + ``[DEC]``).
+        max_text_tokens: Question tokens kept, truncated from the left (official 256).
+        tokenizer_dir: Local directory of the Q-Former's WordPiece tokenizer (``vocab.txt``).
+            Empty means "the tokenizer saved with the checkpoint".
+    """
+
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    cross_attention_frequency: int = 2
+    num_queries: int = 32
+    vocab_size: int = 30523
+    max_text_tokens: int = 256
+    tokenizer_dir: str = ""
+
+
+@dataclass
+class LLMConfig:
+    """The Phi-3 language model.
+
+    Attributes:
+        hidden_size: Model width D (official 3072).
+        num_layers: Decoder blocks (official 32).
+        num_heads: Attention heads (official 32).
+        num_kv_heads: Key/value heads (official 32, no GQA).
+        intermediate_size: MLP width (official 8192).
+        vocab_size: Embedding rows (official 32064, padded).
+        max_position_embeddings: Context length (official 4096).
+        rope_theta: RoPE base (official 10000).
+        rms_norm_eps: RMSNorm epsilon (official 1e-5).
+        sliding_window: Phi-3's sliding window; our explicit 4D mask does not apply it.
+    """
+
+    hidden_size: int = 3072
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    intermediate_size: int = 8192
+    vocab_size: int = 32064
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    sliding_window: int | None = 2048
+
+
+@dataclass
+class LoraSettings:
+    """LoRA and the trainable-parameter policy (official defaults).
+
+    Attributes:
+        r: LoRA rank (official 128).
+        alpha: LoRA alpha (official 256, scale 2).
+        dropout: LoRA dropout (official 0.05).
+        target_modules: Phi-3 linear layers that get adapters (official qkv_proj, o_proj).
+        tuning_mode: ``attention`` = the official policy (LoRA, full embeddings and lm_head,
+            both heads, Q-Former attention and projector); ``heads`` = LoRA and heads only;
+            ``all`` = everything except the frozen frame encoder.
+    """
+
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("qkv_proj", "o_proj")
+    tuning_mode: Literal["attention", "heads", "all"] = "attention"
+
+
+@dataclass
+class ModelConfig:
+    """The whole D2VLM architecture plus its grounding constants.
+
+    Attributes:
+        preset: Name of the preset these values started from (``tiny`` or ``phi3-mini``).
+        vision: Frame encoder settings.
+        qformer: Compressor settings.
+        llm: Language-model settings.
+        tokenizer_dir: Directory of the LLM tokenizer (HF format). Empty means
+            "build the tiny tokenizer locally" for ``tiny`` and is an error otherwise.
+        inject_layer_idx: ``hidden_states`` index whose frame states are averaged into
+            ``<evi>`` embeddings (official 6, the output of block 6).
+        ground_layer_idx: ``hidden_states`` index the grounding heads read (official
+            ``num_layers - 1``, the input of the last block).
+        alpha: Base of the soft grounding targets ``alpha ** -distance`` (official 2).
+        span_threshold: Fraction of the max frame probability kept when decoding a span
+            (official 0.6).
+        grounding_loss_weight: Weight of the grounding BCE (official 10).
+        consistency_loss_weight: Weight of the grounding/answer query L1 (official 10).
+        bidirectional_frames: Frames attend to each other both ways (official True).
+        evidence_injection: Add event features to ``<evi>`` embeddings (official True).
+        lora: LoRA and trainable-parameter policy.
+    """
+
+    preset: str = "phi3-mini"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    tokenizer_dir: str = ""
+    inject_layer_idx: int = 6
+    ground_layer_idx: int = 31
+    alpha: float = 2.0
+    span_threshold: float = 0.6
+    grounding_loss_weight: float = 10.0
+    consistency_loss_weight: float = 10.0
+    bidirectional_frames: bool = True
+    evidence_injection: bool = True
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def validate(self) -> None:
+        """Cross-field checks; raises ``ValueError`` naming the field."""
+        if not 0 < self.inject_layer_idx < self.ground_layer_idx <= self.llm.num_layers:
+            raise ValueError(
+                "model: need 0 < inject_layer_idx < ground_layer_idx <= llm.num_layers, got "
+                f"inject_layer_idx={self.inject_layer_idx}, ground_layer_idx={self.ground_layer_idx}, "
+                f"llm.num_layers={self.llm.num_layers}"
+            )
+        if self.vision.image_size % self.vision.patch_size:
+            raise ValueError("model.vision: image_size must be a multiple of patch_size")
+        if not 0.0 < self.span_threshold <= 1.0:
+            raise ValueError("model.span_threshold must be in (0, 1]")
+        if self.alpha <= 1.0:
+            raise ValueError("model.alpha must be > 1 (targets decay as alpha ** -distance)")
+
+    @staticmethod
+    def preset_defaults(name: str) -> dict[str, Any]:
+        """The field values of a named preset, used when a YAML sets ``preset:``."""
+        from d2vlm_ray.config.presets import preset_dict
+
+        return preset_dict(name)
+
+
+@dataclass
+class DecodeSettings:
+    """How to generate.
+
+    Attributes:
+        max_new_tokens: Hard bound on generated tokens (required; never unbounded).
+        do_sample: Sample instead of greedy argmax.
+        temperature: Sampling temperature (official 0.2 with sampling).
+        top_p: Nucleus sampling mass (1.0 = off).
+        repetition_penalty: >1 penalises tokens already generated, except ``<evi>``
+            (official 1.2 on rar/eca/rvq only, else 1.0).
+        seed: Seed of the sampling generator.
+        inject_evidence: Add event features to generated ``<evi>`` embeddings; switching it
+            off is the ablation that shows what evidence injection is worth.
+    """
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    inject_evidence: bool = True
+
+    def validate(self) -> None:
+        """Reject settings that would hang or divide by zero."""
+        if self.max_new_tokens < 1:
+            raise ValueError("decode.max_new_tokens must be >= 1")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError("decode.temperature must be > 0 when do_sample is true")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("decode.top_p must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ValueError("decode.repetition_penalty must be > 0")

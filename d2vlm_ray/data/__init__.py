@@ -1,0 +1,1 @@
+"""Records, video decoding, transforms, annotation formats, synthetic videos and perturbations."""

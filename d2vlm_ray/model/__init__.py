@@ -1,0 +1,1 @@
+"""d2vlm_ray.model."""

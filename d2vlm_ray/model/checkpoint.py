@@ -1,0 +1,308 @@
+"""Checkpoint directories (safetensors + config.json + tokenizers) and the official key map.
+
+A d2vlm_ray checkpoint directory holds:
+
+- ``model.safetensors``: the full state dict under this project's module names, LoRA
+  merged into the base weights;
+- ``config.json``: ``{"format": "d2vlm_ray", "model": <ModelConfig>, "evi_token_id", "pad_token_id"}``;
+- ``tokenizer/`` and ``qformer_tokenizer/``: both tokenizers in HF format.
+
+The official D2VLM release is a merged HF checkpoint (``model-*.safetensors``) whose keys
+follow the E.T. Chat layout (spec §7.2). :func:`to_official_state_dict` and
+:func:`from_official_state_dict` translate between the two layouts:
+
+==================================================  =====================================================
+d2vlm_ray                                           official
+==================================================  =====================================================
+``llm.model.*``, ``llm.lm_head.weight``             ``model.*``, ``lm_head.weight``
+``vision.embeddings.class_embedding``               ``model.vision_tower.vision_tower.cls_token``
+``vision.embeddings.position_embedding``            ``...vision_tower.pos_embed``
+``vision.embeddings.patch_embedding.*``             ``...vision_tower.patch_embed.proj.*``
+``vision.encoder.layers.{i}.layer_norm{1,2}.*``     ``...vision_tower.blocks.{i}.norm{1,2}.*``
+``vision.encoder.layers.{i}.self_attn.qkv.weight``  ``...blocks.{i}.attn.qkv.weight``
+``vision.encoder.layers.{i}.self_attn.qkv.bias``    ``...blocks.{i}.attn.q_bias`` + ``v_bias`` (k bias is 0)
+``vision.encoder.layers.{i}.self_attn.projection``  ``...blocks.{i}.attn.proj``
+``vision.encoder.layers.{i}.mlp.fc{1,2}``           ``...blocks.{i}.mlp.fc{1,2}``
+``compressor.qformer.embeddings.layernorm``         ``model.qformer_bert.bert.embeddings.LayerNorm``
+``compressor.qformer.encoder.layer.{i}.{attention,crossattention}.attention.*``
+                                                    ``model.qformer_bert.bert.encoder.layer.{i}.{attention,crossattention}.self.*``
+other ``compressor.qformer.*``                      ``model.qformer_bert.bert.*``
+``compressor.qformer_{query,ln,proj,q_proj,k_proj,v_proj}*``  ``model.qformer_*``
+``frm_head.*``, ``evi_head.*``                      unchanged
+==================================================  =====================================================
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from d2vlm_ray.config.load import from_dict, to_dict
+from d2vlm_ray.config.schema import ModelConfig
+from d2vlm_ray.model.builders import Tokenizers, build_d2vlm, resolve_vocab_sizes
+from d2vlm_ray.model.d2vlm import D2VLM
+from d2vlm_ray.model.tokenizer import TokenIds, load_llm_tokenizer, load_qformer_tokenizer
+from d2vlm_ray.model.vision import VisionFrameEncoder, build_vision_model
+
+FORMAT = "d2vlm_ray"
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+_VIT = "model.vision_tower.vision_tower."
+_BERT = "model.qformer_bert.bert."
+
+# (pattern over d2vlm_ray names, replacement in official names); the first match wins.
+_TO_OFFICIAL: list[tuple[str, str]] = [
+    (r"^llm\.model\.", "model."),
+    (r"^llm\.lm_head\.", "lm_head."),
+    (r"^vision\.embeddings\.class_embedding$", _VIT + "cls_token"),
+    (r"^vision\.embeddings\.position_embedding$", _VIT + "pos_embed"),
+    (r"^vision\.embeddings\.patch_embedding\.", _VIT + "patch_embed.proj."),
+    (r"^vision\.encoder\.layers\.(\d+)\.layer_norm(\d)\.", _VIT + r"blocks.\1.norm\2."),
+    (r"^vision\.encoder\.layers\.(\d+)\.self_attn\.qkv\.weight$", _VIT + r"blocks.\1.attn.qkv.weight"),
+    (r"^vision\.encoder\.layers\.(\d+)\.self_attn\.projection\.", _VIT + r"blocks.\1.attn.proj."),
+    (r"^vision\.encoder\.layers\.(\d+)\.mlp\.", _VIT + r"blocks.\1.mlp."),
+    (r"^compressor\.qformer\.embeddings\.layernorm\.", _BERT + "embeddings.LayerNorm."),
+    (
+        r"^compressor\.qformer\.encoder\.layer\.(\d+)\.(attention|crossattention)\.attention\.",
+        _BERT + r"encoder.layer.\1.\2.self.",
+    ),
+    (r"^compressor\.qformer\.", _BERT),
+    (r"^compressor\.(qformer_\w+)", r"model.\1"),
+    (r"^(frm_head|evi_head)\.", r"\1."),
+]
+_QKV_BIAS = re.compile(r"^vision\.encoder\.layers\.(\d+)\.self_attn\.qkv\.bias$")
+
+
+def _rename(name: str, rules: list[tuple[str, str]]) -> str | None:
+    for pattern, repl in rules:
+        if re.search(pattern, name):
+            return re.sub(pattern, repl, name)
+    return None
+
+
+def to_official_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Translate a (LoRA-merged) d2vlm_ray state dict into the official key layout.
+
+    Raises:
+        KeyError: On a key the map does not know (e.g. unmerged LoRA weights).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        match = _QKV_BIAS.match(name)
+        if match:
+            width = tensor.shape[0] // 3
+            prefix = f"{_VIT}blocks.{match.group(1)}.attn."
+            out[prefix + "q_bias"] = tensor[:width]
+            out[prefix + "v_bias"] = tensor[2 * width :]
+            continue
+        new = _rename(name, _TO_OFFICIAL)
+        if new is None:
+            raise KeyError(f"no official name for {name!r}")
+        out[new] = tensor
+    return out
+
+
+def _from_official_rules() -> list[tuple[str, str]]:
+    """Invert the literal renames; the two regex-with-group rules are inverted by hand."""
+    return [
+        (r"^lm_head\.", "llm.lm_head."),
+        (re.escape(_VIT) + r"cls_token$", "vision.embeddings.class_embedding"),
+        (re.escape(_VIT) + r"pos_embed$", "vision.embeddings.position_embedding"),
+        (re.escape(_VIT) + r"patch_embed\.proj\.", "vision.embeddings.patch_embedding."),
+        (re.escape(_VIT) + r"blocks\.(\d+)\.norm(\d)\.", r"vision.encoder.layers.\1.layer_norm\2."),
+        (re.escape(_VIT) + r"blocks\.(\d+)\.attn\.qkv\.weight$", r"vision.encoder.layers.\1.self_attn.qkv.weight"),
+        (re.escape(_VIT) + r"blocks\.(\d+)\.attn\.proj\.", r"vision.encoder.layers.\1.self_attn.projection."),
+        (re.escape(_VIT) + r"blocks\.(\d+)\.mlp\.", r"vision.encoder.layers.\1.mlp."),
+        (re.escape(_BERT) + r"embeddings\.LayerNorm\.", "compressor.qformer.embeddings.layernorm."),
+        (
+            re.escape(_BERT) + r"encoder\.layer\.(\d+)\.(attention|crossattention)\.self\.",
+            r"compressor.qformer.encoder.layer.\1.\2.attention.",
+        ),
+        (re.escape(_BERT), "compressor.qformer."),
+        (r"^model\.(qformer_\w+)", r"compressor.\1"),
+        (r"^model\.", "llm.model."),
+        (r"^(frm_head|evi_head)\.", r"\1."),
+    ]
+
+
+def from_official_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Translate an official D2VLM state dict into d2vlm_ray names.
+
+    EVA's separate ``q_bias``/``v_bias`` become the BLIP-2 ``qkv.bias`` with a zero key
+    part. Buffers the official layout may carry (``position_ids``) are dropped.
+    """
+    rules = _from_official_rules()
+    out: dict[str, torch.Tensor] = {}
+    biases: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in state.items():
+        if name.endswith("position_ids"):
+            continue
+        bias = re.match(re.escape(_VIT) + r"blocks\.(\d+)\.attn\.(q|v)_bias$", name)
+        if bias:
+            biases.setdefault(bias.group(1), {})[bias.group(2)] = tensor
+            continue
+        new = _rename(name, rules)
+        if new is None:
+            raise KeyError(f"unknown official key {name!r}")
+        out[new] = tensor
+    for idx, parts in biases.items():
+        q, v = parts["q"], parts["v"]
+        out[f"vision.encoder.layers.{idx}.self_attn.qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
+    return out
+
+
+def native_state_dict(model: D2VLM) -> dict[str, torch.Tensor]:
+    """The model's state dict under plain module names with LoRA merged in.
+
+    The live model is left unchanged: adapters are merged for the copy and unmerged again.
+    """
+    llm = model.llm
+    wrapped = hasattr(llm, "merge_adapter")
+    if wrapped:
+        llm.merge_adapter()
+    try:
+        out = {}
+        for name, tensor in model.state_dict().items():
+            if "lora_" in name:
+                continue
+            name = name.replace("llm.base_model.model.", "llm.").replace(".base_layer.", ".")
+            out[name] = tensor.detach().clone().contiguous()
+    finally:
+        if wrapped:
+            llm.unmerge_adapter()
+    return out
+
+
+def save_pretrained(model: D2VLM, cfg: ModelConfig, tokenizers: Tokenizers, out_dir: str | Path) -> Path:
+    """Write a loadable checkpoint directory (merged weights, config, both tokenizers)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = resolve_vocab_sizes(cfg, tokenizers)
+    ids = TokenIds.from_tokenizer(tokenizers.llm)
+    save_file(native_state_dict(model), str(out_dir / WEIGHTS_NAME), metadata={"format": FORMAT})
+    meta = {"format": FORMAT, "model": to_dict(cfg), "evi_token_id": ids.evi, "pad_token_id": ids.pad}
+    (out_dir / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+    tokenizers.llm.save_pretrained(str(out_dir / "tokenizer"))
+    tokenizers.qformer.save_pretrained(str(out_dir / "qformer_tokenizer"))
+    return out_dir
+
+
+def _read_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    files = sorted(ckpt_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{ckpt_dir}: no .safetensors weights found")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        if f.name.startswith("adapter_"):
+            continue
+        state.update(load_file(str(f)))
+    return state
+
+
+def from_pretrained(
+    ckpt_dir: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    qformer_tokenizer_dir: str | None = None,
+) -> tuple[D2VLM, Tokenizers, ModelConfig]:
+    """Load a d2vlm_ray checkpoint, or an official D2VLM release directory.
+
+    An official directory is recognised by its HF ``config.json`` (``model_type``
+    ``etchat_phi3``); it is built with the ``phi3-mini`` preset, its tokenizer is read from
+    the same directory, and the Q-Former tokenizer from ``qformer_tokenizer_dir`` (the
+    release does not ship one).
+
+    Raises:
+        FileNotFoundError: If the directory, its config or its weights are missing.
+        ValueError: If the weights do not match the architecture (missing or extra keys).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    cfg_path = ckpt_dir / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(ckpt_dir)!r}: no {CONFIG_NAME}")
+    meta: dict[str, Any] = json.loads(cfg_path.read_text())
+    official = meta.get("format") != FORMAT
+    if official:
+        model_data: dict[str, Any] = {"preset": "phi3-mini", "tokenizer_dir": str(ckpt_dir)}
+        if qformer_tokenizer_dir:
+            model_data["qformer"] = {"tokenizer_dir": qformer_tokenizer_dir}
+        cfg = from_dict(ModelConfig, model_data)
+        llm_tok = load_llm_tokenizer(ckpt_dir)
+        if not qformer_tokenizer_dir:
+            raise FileNotFoundError(
+                "model.qformer.tokenizer_dir: the official checkpoint ships no Q-Former tokenizer; "
+                "pass a local bert-base-uncased vocabulary directory"
+            )
+        q_tok = load_qformer_tokenizer(qformer_tokenizer_dir)
+    else:
+        cfg = from_dict(ModelConfig, meta["model"])
+        llm_tok = load_llm_tokenizer(ckpt_dir / "tokenizer")
+        q_tok = load_qformer_tokenizer(ckpt_dir / "qformer_tokenizer")
+    tokenizers = Tokenizers(llm=llm_tok, qformer=q_tok)
+    # Parameters on the meta device (no random init of billions of weights), buffers such
+    # as RoPE frequencies real; the checkpoint's tensors are then assigned in place.
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = build_d2vlm(cfg, tokenizers)
+    state = _read_weights(ckpt_dir)
+    if official:
+        state = from_official_state_dict(state)
+    expected = set(model.state_dict())
+    missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or extra:
+        raise ValueError(f"checkpoint {str(ckpt_dir)!r} does not match the architecture: missing {missing[:5]}, extra {extra[:5]}")
+    model.load_state_dict(state, strict=True, assign=True)
+    model.to(device=device)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    model.vision.requires_grad_(False)
+    model.eval()
+    return model, tokenizers, cfg
+
+
+def init_checkpoint(cfg: ModelConfig, out_dir: str | Path, seed: int = 0) -> Path:
+    """Build a randomly initialised model from ``cfg`` (seeded) and save it as a checkpoint.
+
+    Every stage of a run (feature cache, training, evaluation, serving) then loads the
+    same weights from this directory, so the frame encoder id in cache keys agrees.
+    """
+    from d2vlm_ray.model.builders import build_tokenizers
+
+    tokenizers = build_tokenizers(cfg)
+    torch.manual_seed(seed)
+    model = build_d2vlm(cfg, tokenizers)
+    return save_pretrained(model, cfg, tokenizers, out_dir)
+
+
+def load_frame_encoder(
+    ckpt_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, chunk_frames: int = 64
+) -> VisionFrameEncoder:
+    """Load only the frozen frame encoder of a d2vlm_ray checkpoint (for cache building).
+
+    Raises:
+        FileNotFoundError: If the checkpoint is missing.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    cfg_path = ckpt_dir / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(ckpt_dir)!r}: no {CONFIG_NAME}")
+    meta = json.loads(cfg_path.read_text())
+    if meta.get("format") != FORMAT:
+        model, _, cfg = from_pretrained(ckpt_dir, device=device, dtype=dtype)
+        return VisionFrameEncoder(model.vision, cfg.vision.image_size, chunk_frames)
+    cfg = from_dict(ModelConfig, meta["model"])
+    vision = build_vision_model(cfg.vision)
+    prefix = "vision."
+    state = {k[len(prefix) :]: v for k, v in load_file(str(ckpt_dir / WEIGHTS_NAME)).items() if k.startswith(prefix)}
+    vision.load_state_dict(state, strict=True)
+    vision.to(device=device)
+    if dtype is not None:
+        vision.to(dtype=dtype)
+    return VisionFrameEncoder(vision, cfg.vision.image_size, chunk_frames)

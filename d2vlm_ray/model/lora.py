@@ -1,0 +1,94 @@
+"""LoRA (via peft) and the trainable-parameter policy.
+
+The official policy (``tuning_mode='attention'``, spec §1.9) trains: LoRA on Phi-3's
+``qkv_proj`` and ``o_proj``; the full ``embed_tokens`` and ``lm_head``; both grounding
+heads; and in the compressor every Q-Former attention block plus the learned queries,
+``qformer_ln`` and the aggregator projections. BERT embeddings and FFNs stay frozen, and
+the frame encoder is never trained.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from torch import nn
+
+from d2vlm_ray.config.schema import LoraSettings
+from d2vlm_ray.model.d2vlm import D2VLM
+
+_COMPRESSOR_EXTRAS = ("qformer_query", "qformer_ln", "qformer_proj", "qformer_q_proj", "qformer_k_proj", "qformer_v_proj")
+
+
+def apply_lora(model: D2VLM, settings: LoraSettings) -> D2VLM:
+    """Wrap the LLM with fresh LoRA adapters (peft) and apply the trainable policy.
+
+    Returns the same model object, whose ``llm`` is now a ``PeftModel``.
+    """
+    from peft import LoraConfig, get_peft_model  # peft costs ~6 s to import; only trainers need it
+
+    lora_cfg = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model.llm = get_peft_model(model.llm, lora_cfg)
+    set_trainable(model, settings.tuning_mode)
+    return model
+
+
+def merge_lora(model: D2VLM) -> D2VLM:
+    """Fold LoRA weights into the base layers and drop the peft wrapper (no-op without LoRA)."""
+    if hasattr(model.llm, "merge_and_unload"):
+        model.llm = model.llm.merge_and_unload()
+    return model
+
+
+def parameter_group(name: str) -> str:
+    """The group a parameter belongs to: lora, embed, lm_head, frm_head, evi_head, qformer,
+    qformer_frozen, vision, or llm (frozen base weights)."""
+    if "lora_" in name:
+        return "lora"
+    if name.startswith("vision."):
+        return "vision"
+    if name.startswith(("frm_head.", "evi_head.")):
+        return name.split(".", 1)[0]
+    if name.startswith("compressor."):
+        rest = name[len("compressor.") :]
+        if rest.startswith(_COMPRESSOR_EXTRAS) or (rest.startswith("qformer.") and "attention" in rest):
+            return "qformer"
+        return "qformer_frozen"
+    if "embed_tokens" in name:
+        return "embed"
+    if "lm_head" in name:
+        return "lm_head"
+    return "llm"
+
+
+def set_trainable(model: D2VLM, tuning_mode: str) -> None:
+    """Freeze everything, then unfreeze what ``tuning_mode`` trains.
+
+    Modes: ``attention`` (official), ``heads`` (LoRA and heads), ``all`` (all but vision).
+    """
+    trained = {
+        "attention": {"lora", "embed", "lm_head", "frm_head", "evi_head", "qformer"},
+        "heads": {"lora", "frm_head", "evi_head"},
+        "all": {"lora", "embed", "lm_head", "frm_head", "evi_head", "qformer", "qformer_frozen", "llm"},
+    }
+    if tuning_mode not in trained:
+        raise ValueError(f"model.lora.tuning_mode: unknown mode {tuning_mode!r}; choose from {sorted(trained)}")
+    for name, param in model.named_parameters():
+        param.requires_grad_(parameter_group(name) in trained[tuning_mode])
+
+
+def trainable_counts(model: nn.Module) -> OrderedDict[str, int]:
+    """Trainable parameter counts by group, plus ``total`` (works on the meta device)."""
+    counts: OrderedDict[str, int] = OrderedDict()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            group = parameter_group(name)
+            counts[group] = counts.get(group, 0) + param.numel()
+    counts["total"] = sum(counts.values())
+    return counts

@@ -1,0 +1,239 @@
+"""Tokenizers, the Phi-3 chat template, ``<image>`` splicing and detokenisation.
+
+The LLM sees ``<|system|>\\n...<|end|>\\n<|user|>\\n<image>\\n{question}<|end|>\\n<|assistant|>\\n``
+followed (in training) by ``{response}<|end|>``. The ``<image>`` placeholder is replaced by
+one token per sampled frame, so the prompt is tokenized as two chunks around it: merging
+them would change the ids at the chunk boundary.
+
+Real runs load the checkpoint's own tokenizers (Phi-3's SentencePiece tokenizer and a
+bert-base-uncased WordPiece vocabulary for the Q-Former) from local directories. The
+``tiny`` preset builds both locally from :mod:`d2vlm_ray.data.vocab`, so nothing is ever
+downloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import BertTokenizerFast, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from d2vlm_ray.data import vocab
+from d2vlm_ray.types import SpanS
+
+EVI_TOKEN = "<evi>"
+EVI_END_TOKEN = "</evi>"
+IMAGE_TOKEN = "<image>"
+END_TOKEN = "<|end|>"
+SYSTEM_TOKEN = "<|system|>"
+USER_TOKEN = "<|user|>"
+ASSISTANT_TOKEN = "<|assistant|>"
+EOS_TOKEN = "<|endoftext|>"
+SYSTEM_PROMPT = "You are a helpful AI assistant."
+QFORMER_BOS_TOKEN = "[DEC]"
+
+# Phi-3's chat markers, then the two evidence tokens D2VLM adds (ids 32011/32012 in the
+# official checkpoint, whose base tokenizer has 32011 entries).
+_CHAT_SPECIALS = (SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN, END_TOKEN)
+_EVIDENCE_SPECIALS = (EVI_TOKEN, EVI_END_TOKEN)
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """Ids the model and decoder need, resolved once from a tokenizer."""
+
+    evi: int
+    evi_end: int
+    end: int
+    pad: int
+    bos: int | None
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> TokenIds:
+        """Look the special ids up; raises ``ValueError`` if the tokenizer lacks one."""
+        ids = {}
+        for name, tok in (("evi", EVI_TOKEN), ("evi_end", EVI_END_TOKEN), ("end", END_TOKEN)):
+            tid = tokenizer.convert_tokens_to_ids(tok)
+            if tid is None or tid == tokenizer.unk_token_id:
+                raise ValueError(f"tokenizer has no {tok!r} token; load it with load_llm_tokenizer()")
+            ids[name] = int(tid)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError("tokenizer has neither a pad nor an eos token")
+        return cls(pad=int(pad), bos=tokenizer.bos_token_id, **ids)
+
+
+def build_tiny_llm_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over :func:`d2vlm_ray.data.vocab.all_words` (lower-cased).
+
+    Special tokens come first so their ids are stable: ``<unk>`` 0, ``<s>`` 1,
+    ``<|endoftext|>`` 2, the chat markers, then ``<evi>`` and ``</evi>``.
+    """
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+
+    specials = ["<unk>", "<s>", EOS_TOKEN, *_CHAT_SPECIALS, *_EVIDENCE_SPECIALS]
+    words = [w for w in vocab.all_words() if w not in specials]
+    table = {tok: i for i, tok in enumerate(specials + words)}
+    core = Tokenizer(WordLevel(table, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    # Whitespace splits on \w+|[^\w\s]+, so "red." becomes "red" "." and newlines vanish.
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+        unk_token="<unk>",
+        additional_special_tokens=[*_CHAT_SPECIALS, *_EVIDENCE_SPECIALS],
+    )
+    return tok
+
+
+def build_tiny_qformer_tokenizer() -> BertTokenizerFast:
+    """A small WordPiece (BERT-style, uncased) tokenizer over the same word list."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", QFORMER_BOS_TOKEN]
+    words = [w for w in vocab.all_words() if w not in specials]
+    table = {tok: i for i, tok in enumerate(specials + words)}
+    tok = BertTokenizerFast(vocab=table, do_lower_case=True)
+    return _finish_qformer_tokenizer(tok)
+
+
+def _finish_qformer_tokenizer(tok: BertTokenizerFast) -> BertTokenizerFast:
+    # InstructBLIP adds [DEC] as BOS and truncates the question from the left, so the end
+    # of a long question (usually the actual ask) survives.
+    tok.add_special_tokens({"bos_token": QFORMER_BOS_TOKEN})
+    tok.truncation_side = "left"
+    return tok
+
+
+def load_llm_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """Load an LLM tokenizer from a local HF directory, adding ``<evi>``/``</evi>`` if absent.
+
+    Raises:
+        FileNotFoundError: If ``path`` is not a directory (nothing is downloaded).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model.tokenizer_dir: tokenizer directory {str(path)!r} does not exist")
+    tok = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    missing = [t for t in _EVIDENCE_SPECIALS if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]
+    if missing:
+        tok.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_qformer_tokenizer(path: str | Path) -> BertTokenizerFast:
+    """Load the Q-Former's WordPiece tokenizer from a local directory.
+
+    Raises:
+        FileNotFoundError: If ``path`` is missing; the message names the setting.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model.qformer.tokenizer_dir: Q-Former tokenizer directory {str(path)!r} does not exist; "
+            "point it at a local copy of a bert-base-uncased vocabulary (vocab.txt)"
+        )
+    tok = BertTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    return _finish_qformer_tokenizer(tok)
+
+
+def chat_prompt(question: str) -> str:
+    """The Phi-3 prompt for one question, with the ``<image>`` placeholder before it."""
+    return (
+        f"{SYSTEM_TOKEN}\n{SYSTEM_PROMPT}{END_TOKEN}\n{USER_TOKEN}\n{IMAGE_TOKEN}\n"
+        f"{question}{END_TOKEN}\n{ASSISTANT_TOKEN}\n"
+    )
+
+
+@dataclass
+class PromptIds:
+    """Token ids of one prompt split at the ``<image>`` placeholder.
+
+    Attributes:
+        prefix_ids: Ids before the frames (BOS, system turn, user header).
+        suffix_ids: Ids after the frames (question, assistant header).
+    """
+
+    prefix_ids: list[int]
+    suffix_ids: list[int]
+
+
+def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> PromptIds:
+    """Tokenize the chat prompt chunk-wise around ``<image>``; BOS only on the first chunk.
+
+    Raises:
+        ValueError: If the question itself contains ``<image>`` (one video per prompt).
+    """
+    if IMAGE_TOKEN in question:
+        raise ValueError("question: must not contain the <image> placeholder; the frames are added once")
+    before, after = chat_prompt(question).split(IMAGE_TOKEN)
+    prefix = tokenizer(before, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None:
+        prefix = [tokenizer.bos_token_id, *prefix]
+    suffix = tokenizer(after, add_special_tokens=False)["input_ids"]
+    return PromptIds(prefix_ids=list(prefix), suffix_ids=list(suffix))
+
+
+def tokenize_response(tokenizer: PreTrainedTokenizerBase, response: str) -> list[int]:
+    """Ids of a response followed by ``<|end|>`` (the LM loss covers all of them)."""
+    return list(tokenizer(response + END_TOKEN, add_special_tokens=False)["input_ids"])
+
+
+def format_time_s(t_s: float) -> str:
+    """Seconds as short text: ``12`` for whole seconds, else one decimal (``12.5``)."""
+    rounded = round(float(t_s), 1)
+    return str(int(rounded)) if rounded == int(rounded) else f"{rounded:.1f}"
+
+
+def format_span(span_s: SpanS) -> str:
+    """A span as the ``"start - end"`` surface form every official parser reads."""
+    return f"{format_time_s(span_s[0])} - {format_time_s(span_s[1])}"
+
+
+def detokenize(
+    tokenizer: PreTrainedTokenizerBase,
+    token_ids: Sequence[int],
+    spans_s: Sequence[SpanS],
+) -> str:
+    """Response text with the i-th ``<evi>`` replaced by the i-th span as ``"s - e"``.
+
+    ``</evi>`` is kept (the D2VLM scorer splits on it); ``<|end|>``, EOS and padding are
+    dropped. There must be exactly one span per ``<evi>`` token.
+
+    Raises:
+        ValueError: If the number of spans differs from the number of ``<evi>`` tokens.
+    """
+    ids = TokenIds.from_tokenizer(tokenizer)
+    drop = {ids.end, ids.pad}
+    if tokenizer.eos_token_id is not None:
+        drop.add(tokenizer.eos_token_id)
+    n_evi = sum(1 for t in token_ids if t == ids.evi)
+    if n_evi != len(spans_s):
+        raise ValueError(f"spans_s: {len(spans_s)} spans for {n_evi} <evi> tokens")
+    pieces: list[str] = []
+    run: list[int] = []
+    span_iter = iter(spans_s)
+
+    def flush() -> None:
+        if run:
+            pieces.append(tokenizer.decode(run, skip_special_tokens=False).strip())
+            run.clear()
+
+    for tid in token_ids:
+        if tid == ids.evi:
+            flush()
+            pieces.append(format_span(next(span_iter)))
+        elif tid == ids.evi_end:
+            flush()
+            pieces.append(EVI_END_TOKEN)
+        elif tid in drop:
+            flush()
+        else:
+            run.append(int(tid))
+    flush()
+    return " ".join(p for p in pieces if p)

@@ -1,0 +1,241 @@
+"""Tests of video decoding, sampling, typed errors and the probe CLI, on barcoded clips."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from d2vlm_ray.data import probe
+from d2vlm_ray.data.testclips import ClipInfo, barcode_frame, read_barcode, write_audio_only_clip, write_barcode_clip
+from d2vlm_ray.data.video import REASONS, VideoDecodeError, decode_video, probe_video, sample_frame_indices
+
+VFR_TIMES_S = (0.0, 0.1, 0.15, 0.5, 0.55, 1.3, 1.31, 2.0, 2.45)
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ClipInfo]:
+    """Small barcoded clips, written once per module."""
+    root = tmp_path_factory.mktemp("clips")
+    return {
+        "cfr": write_barcode_clip(root / "cfr.mp4", fps=10, duration_s=3.0),
+        "bframes": write_barcode_clip(root / "bframes.mp4", fps=10, duration_s=4.0, gop_size=12, b_frames=3),
+        "rot90": write_barcode_clip(root / "rot90.mp4", fps=10, duration_s=2.0, b_frames=2, rotation_deg=90),
+        "rot180": write_barcode_clip(root / "rot180.mp4", fps=10, duration_s=2.0, rotation_deg=180),
+        "rot270": write_barcode_clip(root / "rot270.mp4", fps=10, duration_s=2.0, rotation_deg=270),
+        "vfr": write_barcode_clip(root / "vfr.mp4", fps=10, frame_times_s=VFR_TIMES_S, b_frames=2),
+        "offset": write_barcode_clip(root / "offset.mp4", fps=10, duration_s=3.0, start_offset_s=1.5, b_frames=2),
+        "ntsc": write_barcode_clip(root / "ntsc.mp4", fps=30000 / 1001, duration_s=4.0, gop_size=30, b_frames=3),
+        "mkv": write_barcode_clip(root / "clip.mkv", fps=10, duration_s=3.0, b_frames=2),
+    }
+
+
+def _codes(frames: np.ndarray) -> list[int]:
+    return [read_barcode(frame) for frame in frames]
+
+
+def test_barcode_round_trip_and_rejects_wrong_orientation() -> None:
+    for number in (0, 1, 255, 4097, 65535):
+        frame = barcode_frame(number, 96, 64)
+        assert read_barcode(frame) == number
+        assert read_barcode(np.ascontiguousarray(np.rot90(frame, 2))) == -1
+    assert read_barcode(np.full((64, 96, 3), 128, dtype=np.uint8)) == -1
+
+
+def test_cfr_matches_official_sampling_rule(clips: dict[str, ClipInfo]) -> None:
+    for name, fps in (("cfr", 1.0), ("cfr", 3.0), ("ntsc", 1.0), ("ntsc", 3.0), ("bframes", 2.5)):
+        info = clips[name]
+        video = decode_video(info.path, fps)
+        n_frames, avg_fps = info.n_frames, info.n_frames / info.duration_s
+        official_idx = np.round(np.arange(0, n_frames, avg_fps / fps)).astype(int).clip(0, n_frames - 1)
+        assert _codes(video.frames) == official_idx.tolist(), (name, fps)
+        np.testing.assert_allclose(video.timestamps_s, np.array(info.frame_times_s)[official_idx], atol=1e-6)
+        assert video.duration_s == pytest.approx(info.duration_s, abs=1e-3)
+        assert video.source_fps == pytest.approx(avg_fps, rel=1e-3)
+        assert video.frames.dtype == np.uint8 and video.frames.shape[1:] == (info.height, info.width, 3)
+        assert (video.width, video.height) == (info.width, info.height)
+        assert video.warnings == []
+
+
+def test_vfr_timestamps_are_presentation_times(clips: dict[str, ClipInfo]) -> None:
+    info = clips["vfr"]
+    video = decode_video(info.path, 1.0)
+    # Targets 0, 1, 2 s; nearest frames are at 0.0, 1.3 and 2.0 s (frames 0, 5, 7).
+    assert _codes(video.frames) == [0, 5, 7]
+    np.testing.assert_allclose(video.timestamps_s, [0.0, 1.3, 2.0], atol=1e-6)
+    assert video.duration_s == pytest.approx(info.duration_s, abs=1e-3)
+    video = decode_video(info.path, 4.0)
+    codes = _codes(video.frames)
+    np.testing.assert_allclose(video.timestamps_s, np.array(VFR_TIMES_S)[codes], atol=1e-6)
+    # Targets 0, 0.25, ..., 2.5 s (duration 2.55 s), each to the nearest frame time.
+    assert codes == [0, 2, 3, 4, 5, 5, 6, 7, 7, 8, 8]
+
+
+def test_start_offset_is_removed(clips: dict[str, ClipInfo]) -> None:
+    info = clips["offset"]
+    assert info.start_offset_s == 1.5
+    video = decode_video(info.path, 2.0)
+    assert _codes(video.frames) == [0, 5, 10, 15, 20, 25]
+    np.testing.assert_allclose(video.timestamps_s, [0.0, 0.5, 1.0, 1.5, 2.0, 2.5], atol=1e-6)
+    assert video.duration_s == pytest.approx(3.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("name", ["cfr", "bframes", "rot90", "rot180", "rot270", "vfr", "offset", "ntsc", "mkv"])
+def test_backends_return_identical_frames(clips: dict[str, ClipInfo], name: str) -> None:
+    info = clips[name]
+    pyav = decode_video(info.path, 3.0, backend="pyav")
+    decord = decode_video(info.path, 3.0, backend="decord")
+    assert pyav.frames.shape == decord.frames.shape
+    assert np.array_equal(pyav.frames, decord.frames)
+    np.testing.assert_array_equal(pyav.timestamps_s, decord.timestamps_s)
+    codes = _codes(pyav.frames)
+    assert -1 not in codes
+    np.testing.assert_allclose(pyav.timestamps_s, np.array(info.frame_times_s)[codes], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["rot90", "rot180", "rot270"])
+def test_rotation_is_applied(clips: dict[str, ClipInfo], name: str) -> None:
+    info = clips[name]
+    video = decode_video(info.path, 2.0)
+    # The clip is 96x64 as displayed; the coded picture is rotated back.
+    assert (video.width, video.height) == (96, 64)
+    assert video.frames.shape[1:3] == (64, 96)
+    assert _codes(video.frames) == [0, 5, 10, 15]
+
+
+def test_max_frames_resamples_uniformly(clips: dict[str, ClipInfo]) -> None:
+    info = clips["bframes"]
+    full = decode_video(info.path, 5.0)
+    assert len(full.frames) == 20
+    capped = decode_video(info.path, 5.0, max_frames=4)
+    keep = np.round(np.linspace(0, 19, 4)).astype(int)
+    assert _codes(capped.frames) == [_codes(full.frames)[i] for i in keep]
+    np.testing.assert_allclose(capped.timestamps_s, full.timestamps_s[keep])
+    assert len(decode_video(info.path, 1.0, max_frames=100).frames) == 4
+
+
+def test_max_side_downscales_identically(clips: dict[str, ClipInfo]) -> None:
+    info = clips["rot90"]
+    small = decode_video(info.path, 1.0, max_side=48, backend="pyav")
+    assert small.frames.shape[1:] == (32, 48, 3)
+    assert (small.width, small.height) == (48, 32)
+    assert _codes(small.frames) == [0, 10]
+    other = decode_video(info.path, 1.0, max_side=48, backend="decord")
+    assert np.array_equal(small.frames, other.frames)
+
+
+def test_max_duration_rejects_long_video(clips: dict[str, ClipInfo]) -> None:
+    with pytest.raises(VideoDecodeError) as err:
+        decode_video(clips["cfr"].path, 1.0, max_duration_s=2.0)
+    assert err.value.reason == "too_long"
+    assert len(decode_video(clips["cfr"].path, 1.0, max_duration_s=3.0).frames) == 3
+
+
+def test_memory_and_file_urls(clips: dict[str, ClipInfo]) -> None:
+    fsspec = pytest.importorskip("fsspec")
+    info = clips["offset"]
+    url = "memory://d2vlm-test/offset.mp4"
+    with fsspec.open(url, "wb") as handle:
+        handle.write(Path(info.path).read_bytes())
+    try:
+        local = decode_video(info.path, 1.0)
+        for backend in ("pyav", "decord"):
+            remote = decode_video(url, 1.0, backend=backend)
+            assert np.array_equal(remote.frames, local.frames)
+            np.testing.assert_array_equal(remote.timestamps_s, local.timestamps_s)
+        via_file = decode_video(Path(info.path).as_uri(), 1.0)
+        assert np.array_equal(via_file.frames, local.frames)
+        with pytest.raises(VideoDecodeError) as err:
+            decode_video("memory://d2vlm-test/missing.mp4")
+        assert err.value.reason == "not_found"
+    finally:
+        fsspec.filesystem("memory").rm("/d2vlm-test", recursive=True)
+
+
+def _expect_error(source: str, reason: str) -> VideoDecodeError:
+    with pytest.raises(VideoDecodeError) as err:
+        decode_video(source, 1.0)
+    assert err.value.reason == reason, err.value
+    assert err.value.reason in REASONS
+    assert err.value.to_dict() == {"reason": reason, "message": err.value.message, "source": source}
+    return err.value
+
+
+def test_typed_errors_on_bad_files(tmp_path: Path, clips: dict[str, ClipInfo]) -> None:
+    _expect_error(str(tmp_path / "missing.mp4"), "not_found")
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    _expect_error(str(empty), "empty")
+    text = tmp_path / "notes.mp4"
+    text.write_text("this is not a video\n" * 50)
+    _expect_error(str(text), "corrupt")
+    audio = write_audio_only_clip(tmp_path / "audio.m4a")
+    _expect_error(audio, "no_video_stream")
+    # mp4 writes its index (moov) last, so a cut file has no index at all.
+    data = Path(clips["cfr"].path).read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 2])
+    _expect_error(str(cut), "corrupt")
+
+
+def test_truncated_stream_yields_decodable_frames_with_warning(tmp_path: Path, clips: dict[str, ClipInfo]) -> None:
+    # Matroska has its header first: a cut file still demuxes up to the cut.
+    data = Path(clips["mkv"].path).read_bytes()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    for backend in ("pyav", "decord"):
+        try:
+            video = decode_video(str(cut), 5.0, backend=backend)
+        except VideoDecodeError as err:
+            assert err.reason == "corrupt"
+            continue
+        assert any("truncated" in w for w in video.warnings)
+        codes = _codes(video.frames)
+        assert codes and -1 not in codes
+        assert codes == sorted(codes) and max(codes) < clips["mkv"].n_frames
+        np.testing.assert_allclose(video.timestamps_s, np.array(clips["mkv"].frame_times_s)[codes], atol=1e-6)
+
+
+def test_invalid_arguments(clips: dict[str, ClipInfo]) -> None:
+    with pytest.raises(ValueError):
+        decode_video(clips["cfr"].path, 0.0)
+    with pytest.raises(ValueError):
+        decode_video(clips["cfr"].path, 1.0, backend="opencv")
+    with pytest.raises(ValueError):
+        sample_frame_indices(np.array([0.0]), 1.0, 1.0, max_frames=0)
+
+
+def test_sample_frame_indices_rule() -> None:
+    times_s = np.arange(0, 100) / 2.5
+    official = np.round(np.arange(0, 100, 2.5)).astype(int).clip(0, 99)
+    assert sample_frame_indices(times_s, 40.0, 1.0).tolist() == official.tolist()
+    # Irregular times: nearest frame to 0, 1, 2.
+    assert sample_frame_indices(np.array([0.0, 0.4, 1.2, 1.9]), 2.5, 1.0).tolist() == [0, 2, 3]
+
+
+def test_probe_video_matches_decode(clips: dict[str, ClipInfo]) -> None:
+    index = probe_video(clips["rot90"].path)
+    assert (index.width, index.height, index.rotation_deg) == (96, 64, 90)
+    assert (index.coded_width, index.coded_height) == (64, 96)
+    assert len(index.pts) == clips["rot90"].n_frames
+
+
+def test_probe_cli_output(clips: dict[str, ClipInfo], capsys: pytest.CaptureFixture[str]) -> None:
+    info = clips["vfr"]
+    assert probe.main([info.path, "--fps", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) >= {"duration_s", "source_fps", "width", "height", "n_frames", "timestamps_s"}
+    assert report["n_frames"] == 3
+    assert report["timestamps_s"] == pytest.approx([0.0, 1.3, 2.0])
+    assert (report["width"], report["height"]) == (96, 64)
+    assert report["duration_s"] == pytest.approx(info.duration_s, abs=1e-3)
+
+
+def test_probe_cli_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = str(tmp_path / "nope.mp4")
+    assert probe.main([missing]) == 2
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    assert json.loads(out) == {"error": {"reason": "not_found", "message": "no such file", "source": missing}}
