@@ -1,1 +1,24 @@
-"""d2vlm_ray.cache."""
+"""The shared feature cache: frozen frame-encoder patch features per video.
+
+Entries are keyed by :class:`d2vlm_ray.types.FeatureKey` (video content hash, sampling
+rate, pixel transform, encoder id with a weights hash, frame cap) and live in two tiers:
+an in-process LRU bounded by bytes, then a shared fsspec root holding one Parquet file
+per entry plus a small JSON sidecar written last (see :mod:`d2vlm_ray.cache.store` for
+the layout and the concurrency rules). Nothing here imports Ray.
+"""
+
+from d2vlm_ray.cache.features import CachedFeatures, FeatureCache, feature_key, features_for_video
+from d2vlm_ray.cache.keys import SharedRootError, validate_shared_root, video_sha256
+from d2vlm_ray.cache.store import STORAGE_DTYPES, entry_nbytes
+
+__all__ = [
+    "STORAGE_DTYPES",
+    "CachedFeatures",
+    "FeatureCache",
+    "SharedRootError",
+    "entry_nbytes",
+    "feature_key",
+    "features_for_video",
+    "validate_shared_root",
+    "video_sha256",
+]

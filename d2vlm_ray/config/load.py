@@ -119,7 +119,14 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
             f"unknown config key(s) {[prefix + k for k in unknown]}; "
             f"valid keys here: {sorted(prefix + n for n in names)}"
         )
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    kwargs = {}
+    for key, value in data.items():
+        default = _field_default(names[key])
+        if dataclasses.is_dataclass(default) and isinstance(value, Mapping) and "preset" not in value:
+            # A partial section overrides the field's default instance, not the class defaults
+            # (a job whose model defaults to the tiny preset stays tiny when one value changes).
+            value = _merge(to_dict(default), value)
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
     try:
         obj = cls(**kwargs)
     except TypeError as exc:
@@ -133,6 +140,14 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
                 raise
             raise ConfigError(str(exc)) from None
     return obj
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

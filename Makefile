@@ -1,0 +1,27 @@
+# The two Quickstart commands of the README. Both create the virtual environment they need
+# (.venv, CPU torch pinned through constraints.txt) on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export RAY_USAGE_STATS_ENABLED ?= 0
+export DS_ACCELERATOR ?= cpu
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: quickstart demo test env
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[all,dev]'
+	touch $@
+
+quickstart: env
+	$(PY) -m jobs.demo
+
+demo: env
+	$(PY) -m jobs.demo
+
+test: env
+	$(PY) -m pytest -q

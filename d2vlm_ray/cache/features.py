@@ -1,0 +1,372 @@
+"""The two-tier feature cache and the "features of this video" entry point.
+
+:class:`FeatureCache` looks an entry up in an in-process LRU bounded by bytes, then in the
+shared store (:class:`~d2vlm_ray.cache.store.SharedStore`); :func:`features_for_video`
+hashes a video, asks the cache, and on a miss decodes, encodes and writes the entry.
+
+Both tiers hold features in the storage dtype (fp16 by default: a phi3-mini-sized ViT
+gives 256 x 1408 x 2 B = 704 KiB per frame), so a value read from memory equals the same
+value read from the shared store; readers always receive float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from d2vlm_ray.cache.keys import video_sha256
+from d2vlm_ray.cache.store import CorruptEntryError, EntryPayload, SharedStore, _np_dtype
+from d2vlm_ray.types import FeatureKey, FrameEncoder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CachedFeatures:
+    """Frame-encoder output for one video at one sampling.
+
+    Attributes:
+        patches: Patch features ``[F, P, C]`` float32 (CLS dropped).
+        timestamps_s: Presentation time of each frame, ``[F]`` float64 seconds.
+        duration_s: Duration of the video.
+        source_fps: Average frame rate of the source stream.
+    """
+
+    patches: torch.Tensor
+    timestamps_s: np.ndarray
+    duration_s: float
+    source_fps: float
+
+    @property
+    def num_frames(self) -> int:
+        """Number of frames ``F``."""
+        return int(self.patches.shape[0])
+
+
+@dataclass
+class _MemoryItem:
+    patches: np.ndarray  # [F, P, C] storage dtype
+    timestamps_s: np.ndarray
+    duration_s: float
+    source_fps: float
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.patches.nbytes + self.timestamps_s.nbytes)
+
+
+def feature_key(encoder: FrameEncoder, sha256: str, fps: float = 1.0, max_frames: int | None = None) -> FeatureKey:
+    """The cache key of a video's features under ``encoder`` at ``fps`` / ``max_frames``."""
+    return FeatureKey(
+        video_sha256=sha256,
+        fps=float(fps),
+        transform_id=encoder.transform_id,
+        encoder_id=encoder.encoder_id,
+        max_frames=int(max_frames or 0),
+    )
+
+
+class FeatureCache:
+    """In-process LRU (bounded by bytes) in front of a shared fsspec store.
+
+    Safe to share between threads of one process; each process (Ray worker, Serve replica)
+    builds its own instance on the same ``root``. Pickling keeps the settings and drops the
+    memory tier and counters.
+
+    Args:
+        root: Path or fsspec URL of the shared tier (``s3://bucket/cache``, ``/mnt/nfs/cache``;
+            ``memory://`` for single-process tests). Check it with
+            :func:`~d2vlm_ray.cache.validate_shared_root` before using it across nodes.
+        memory_bytes: Byte budget of the in-process tier (0 disables it). An entry larger
+            than the budget is not held in memory.
+        quota_bytes: Byte budget of the shared tier, or ``None`` for unbounded. Writers
+            keep a running estimate of the store's size (one listing, then their own
+            writes) and evict least-recently-used entries when it goes over; concurrent
+            writers can overshoot until the next eviction pass, so job drivers also call
+            :meth:`enforce_quota` at the end.
+        storage_dtype: ``"float16"`` (default) or ``"float32"``.
+        touch_interval_s: Minimum seconds between two access-time updates of one entry.
+
+    Raises:
+        ValueError: On a bad dtype or a negative budget.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        memory_bytes: int = 512 << 20,
+        quota_bytes: int | None = None,
+        storage_dtype: str = "float16",
+        touch_interval_s: float = 300.0,
+    ) -> None:
+        if memory_bytes < 0:
+            raise ValueError(f"memory_bytes must be >= 0, got {memory_bytes}")
+        if quota_bytes is not None and quota_bytes <= 0:
+            raise ValueError(f"quota_bytes must be positive or None, got {quota_bytes}")
+        self._np_dtype = _np_dtype(storage_dtype)
+        self.root = str(root)
+        self.memory_bytes = int(memory_bytes)
+        self.quota_bytes = quota_bytes
+        self.storage_dtype = storage_dtype
+        self.touch_interval_s = touch_interval_s
+        self.store = SharedStore(self.root, touch_interval_s=touch_interval_s)
+        self._lock = threading.Lock()
+        self._memory: OrderedDict[str, _MemoryItem] = OrderedDict()
+        self._memory_used = 0
+        self._counters: Counter[str] = Counter()
+        self._shared_used_estimate: int | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        kwargs = {
+            "memory_bytes": self.memory_bytes,
+            "quota_bytes": self.quota_bytes,
+            "storage_dtype": self.storage_dtype,
+            "touch_interval_s": self.touch_interval_s,
+        }
+        return (_rebuild, (self.root, kwargs))
+
+    def __repr__(self) -> str:
+        return f"FeatureCache(root={self.root!r}, storage_dtype={self.storage_dtype!r})"
+
+    # --- tiers -------------------------------------------------------------------------
+
+    def _remember(self, digest: str, item: _MemoryItem) -> None:
+        if item.nbytes > self.memory_bytes:
+            return
+        with self._lock:
+            old = self._memory.pop(digest, None)
+            if old is not None:
+                self._memory_used -= old.nbytes
+            self._memory[digest] = item
+            self._memory_used += item.nbytes
+            while self._memory_used > self.memory_bytes:
+                _, evicted = self._memory.popitem(last=False)
+                self._memory_used -= evicted.nbytes
+                self._counters["memory_evictions"] += 1
+
+    def _count(self, **amounts: int) -> None:
+        with self._lock:
+            self._counters.update(amounts)
+
+    @staticmethod
+    def _to_features(item: _MemoryItem) -> CachedFeatures:
+        return CachedFeatures(
+            patches=torch.from_numpy(item.patches.astype(np.float32)),
+            timestamps_s=item.timestamps_s.copy(),
+            duration_s=item.duration_s,
+            source_fps=item.source_fps,
+        )
+
+    def _to_item(self, feats: CachedFeatures) -> _MemoryItem:
+        patches = feats.patches.detach().to("cpu", torch.float32).numpy()
+        if patches.ndim != 3 or patches.shape[0] == 0:
+            raise ValueError(f"patches must be a non-empty [F, P, C] tensor, got shape {tuple(patches.shape)}")
+        timestamps_s = np.asarray(feats.timestamps_s, dtype=np.float64)
+        if timestamps_s.shape != (patches.shape[0],):
+            raise ValueError(f"timestamps_s must have shape ({patches.shape[0]},), got {timestamps_s.shape}")
+        with np.errstate(over="ignore"):  # overflow is reported below, with a remedy
+            stored = patches.astype(self._np_dtype)
+        if not np.isfinite(stored).all():
+            raise ValueError(
+                f"patch features are not finite in {self.storage_dtype} (max |x| = {np.abs(patches).max():.3g}); "
+                "use storage_dtype='float32'"
+            )
+        return _MemoryItem(stored, timestamps_s.copy(), float(feats.duration_s), float(feats.source_fps))
+
+    # --- public API --------------------------------------------------------------------
+
+    def get(self, key: FeatureKey) -> CachedFeatures | None:
+        """Features for ``key``, or ``None`` on a miss.
+
+        A sidecar-less entry (``misses_unsealed``) and one that fails its checksum or does
+        not parse (``misses_corrupt``) are misses; callers recompute and :meth:`put`.
+        """
+        digest = key.digest()
+        with self._lock:
+            item = self._memory.get(digest)
+            if item is not None:
+                self._memory.move_to_end(digest)
+                self._counters["hits_memory"] += 1
+        if item is not None:
+            return self._to_features(item)
+        try:
+            found = self.store.read(digest)
+        except CorruptEntryError as exc:
+            logger.warning("feature cache: treating entry %s as a miss: %s", digest, exc)
+            self._count(misses=1, misses_corrupt=1)
+            return None
+        if found is None:
+            unsealed = self.store.has_unsealed_data(digest)
+            self._count(misses=1, misses_unsealed=int(unsealed), misses_absent=int(not unsealed))
+            return None
+        payload, nbytes = found
+        item = _MemoryItem(payload.patches, payload.timestamps_s, payload.duration_s, payload.source_fps)
+        self._count(hits_shared=1, bytes_read=nbytes)
+        self.store.touch(digest)
+        self._remember(digest, item)
+        return self._to_features(item)
+
+    def contains(self, key: FeatureKey) -> bool:
+        """Whether a sealed entry exists (sidecar plus a data file of the recorded size).
+
+        Cheaper than :meth:`get` (no data download, no checksum); a bit-flipped entry still
+        passes here and is caught, counted and recomputed by the next :meth:`get`.
+        """
+        digest = key.digest()
+        with self._lock:
+            if digest in self._memory:
+                return True
+        return self.store.contains(digest)
+
+    def put(self, key: FeatureKey, feats: CachedFeatures) -> CachedFeatures:
+        """Store features under ``key`` in both tiers.
+
+        Returns:
+            The features as a later :meth:`get` returns them (rounded to the storage dtype).
+
+        Raises:
+            ValueError: On malformed features or values that overflow the storage dtype.
+        """
+        digest = key.digest()
+        item = self._to_item(feats)
+        payload = EntryPayload(item.patches, item.timestamps_s, item.duration_s, item.source_fps)
+        nbytes = self.store.write(key, payload)
+        self._count(puts=1, bytes_written=nbytes)
+        self._remember(digest, item)
+        if self.quota_bytes is not None:
+            self._after_write(digest, nbytes)
+        return self._to_features(item)
+
+    def _after_write(self, digest: str, nbytes: int) -> None:
+        with self._lock:
+            estimate = self._shared_used_estimate
+        if estimate is None:
+            _, estimate = self.store.scan()
+        else:
+            estimate += nbytes
+        if self.quota_bytes is not None and estimate > self.quota_bytes:
+            evicted, estimate = self.store.enforce_quota(self.quota_bytes, protect=[digest])
+            self._drop_from_memory(evicted)
+            self._count(shared_evictions=len(evicted))
+        with self._lock:
+            self._shared_used_estimate = estimate
+
+    def _drop_from_memory(self, digests: list[str]) -> None:
+        with self._lock:
+            for digest in digests:
+                item = self._memory.pop(digest, None)
+                if item is not None:
+                    self._memory_used -= item.nbytes
+
+    def enforce_quota(self) -> list[str]:
+        """Evict least-recently-used shared entries until the store fits ``quota_bytes``.
+
+        Returns:
+            Digests of the evicted entries (empty without a quota).
+        """
+        if self.quota_bytes is None:
+            return []
+        evicted, used = self.store.enforce_quota(self.quota_bytes)
+        self._drop_from_memory(evicted)
+        self._count(shared_evictions=len(evicted))
+        with self._lock:
+            self._shared_used_estimate = used
+        return evicted
+
+    def compact_index(self) -> dict[str, Any]:
+        """Rebuild the shared tier's index file (job drivers only); see :meth:`SharedStore.compact_index`."""
+        return self.store.compact_index()
+
+    def stats(self) -> dict[str, int]:
+        """Counters of this process's cache use.
+
+        Returns:
+            ``hits`` (memory + shared), ``hits_memory``, ``hits_shared``, ``misses`` with its
+            causes ``misses_absent`` / ``misses_unsealed`` / ``misses_corrupt``, ``puts``,
+            ``bytes_read`` / ``bytes_written`` (shared tier), ``memory_bytes_used``,
+            ``memory_entries``, ``memory_evictions``, ``shared_evictions``.
+        """
+        with self._lock:
+            counters = Counter(self._counters)
+            memory_used, memory_entries = self._memory_used, len(self._memory)
+        names = ("hits_memory", "hits_shared", "misses", "misses_absent", "misses_unsealed", "misses_corrupt",
+                 "puts", "bytes_read", "bytes_written", "memory_evictions", "shared_evictions")
+        out = {name: int(counters[name]) for name in names}
+        out["hits"] = out["hits_memory"] + out["hits_shared"]
+        out["memory_bytes_used"] = memory_used
+        out["memory_entries"] = memory_entries
+        return out
+
+
+def _rebuild(root: str, kwargs: dict[str, Any]) -> FeatureCache:
+    return FeatureCache(root, **kwargs)
+
+
+def compute_features(encoder: FrameEncoder, source: str, *, fps: float = 1.0, max_frames: int | None = None) -> CachedFeatures:
+    """Decode ``source`` at ``fps`` and encode its frames (no cache involved).
+
+    Raises:
+        VideoDecodeError: If the video cannot be decoded.
+    """
+    from d2vlm_ray.data.video import decode_video
+
+    decoded = decode_video(source, fps, max_frames=max_frames)
+    return encode_decoded(encoder, decoded.frames, decoded.timestamps_s, decoded.duration_s, decoded.source_fps)
+
+
+def encode_decoded(
+    encoder: FrameEncoder, frames: np.ndarray, timestamps_s: np.ndarray, duration_s: float, source_fps: float
+) -> CachedFeatures:
+    """Run the frame encoder on decoded frames ``[F, H, W, 3]`` uint8 and wrap the result."""
+    patches = encoder.encode(frames)  # [F, P, C]
+    return CachedFeatures(
+        patches=patches.detach().to("cpu", torch.float32),
+        timestamps_s=np.asarray(timestamps_s, dtype=np.float64),
+        duration_s=float(duration_s),
+        source_fps=float(source_fps),
+    )
+
+
+def features_for_video(
+    cache: FeatureCache | None,
+    encoder: FrameEncoder,
+    source: str,
+    *,
+    fps: float = 1.0,
+    max_frames: int | None = None,
+) -> tuple[CachedFeatures, bool]:
+    """Patch features of a video, from the cache when possible.
+
+    On a miss the video is decoded and encoded, and the entry is written; the returned
+    values are then those a later hit returns (rounded to the storage dtype), so a
+    caller sees the same numbers whichever way they were obtained.
+
+    Args:
+        cache: The cache, or ``None`` to always compute.
+        encoder: The frozen frame encoder (its ids enter the key).
+        source: Local path or fsspec URL of the video.
+        fps: Sampling rate.
+        max_frames: Frame cap (``None`` for none).
+
+    Returns:
+        ``(features, cache_hit)``.
+
+    Raises:
+        FileNotFoundError: If the video does not exist.
+        VideoDecodeError: If it cannot be decoded.
+    """
+    if cache is None:
+        return compute_features(encoder, source, fps=fps, max_frames=max_frames), False
+    key = feature_key(encoder, video_sha256(source), fps, max_frames)
+    found = cache.get(key)
+    if found is not None:
+        return found, True
+    feats = compute_features(encoder, source, fps=fps, max_frames=max_frames)
+    return cache.put(key, feats), False

@@ -1,0 +1,116 @@
+"""Cache-key ingredients: video content hashes and the shared-root check.
+
+The feature cache is keyed by the *bytes* of a video (not its path), so the same clip
+under two names, or copied to an object store, hits the same entry, and an edited file
+under an unchanged name misses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import OrderedDict
+
+import fsspec
+
+_CHUNK_BYTES = 8 << 20
+_MEMO_SIZE = 4096
+_memo: OrderedDict[tuple[str, int, int], str] = OrderedDict()
+_memo_lock = threading.Lock()
+
+_PROCESS_LOCAL_PROTOCOLS = ("memory",)
+_NODE_LOCAL_PROTOCOLS = ("file", "local")
+
+
+class SharedRootError(ValueError):
+    """The cache root cannot serve as the shared tier of this cluster."""
+
+
+def _local_path(source: str) -> str | None:
+    """The filesystem path of a local source (plain path or ``file://``), else ``None``."""
+    if "://" not in source:
+        return source
+    if source.startswith("file://"):
+        return source[len("file://") :]
+    return None
+
+
+def video_sha256(source: str) -> str:
+    """sha256 hex digest of a video's bytes, streamed (local path or fsspec URL).
+
+    Local files are memoised by ``(path, size, mtime_ns)`` so a Serve replica that sees the
+    same file twice hashes it once; remote objects are hashed on every call.
+
+    Args:
+        source: Local path or fsspec URL (``s3://``, ``gs://``, ``memory://`` ...).
+
+    Returns:
+        The lowercase hex digest.
+
+    Raises:
+        FileNotFoundError: If the source does not exist (or is a directory).
+    """
+    source = str(source)
+    local = _local_path(source)
+    memo_key: tuple[str, int, int] | None = None
+    if local is not None:
+        try:
+            st = os.stat(local)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"video_sha256: no such file {source!r}") from None
+        if not os.path.isfile(local):
+            raise FileNotFoundError(f"video_sha256: not a file {source!r}")
+        memo_key = (os.path.abspath(local), st.st_size, st.st_mtime_ns)
+        with _memo_lock:
+            if memo_key in _memo:
+                _memo.move_to_end(memo_key)
+                return _memo[memo_key]
+    digest = hashlib.sha256()
+    try:
+        with fsspec.open(source, "rb") as handle:
+            while chunk := handle.read(_CHUNK_BYTES):
+                digest.update(chunk)
+    except (FileNotFoundError, IsADirectoryError):
+        raise FileNotFoundError(f"video_sha256: no such file {source!r}") from None
+    hex_digest = digest.hexdigest()
+    if memo_key is not None:
+        with _memo_lock:
+            _memo[memo_key] = hex_digest
+            while len(_memo) > _MEMO_SIZE:
+                _memo.popitem(last=False)
+    return hex_digest
+
+
+def validate_shared_root(root: str, num_nodes: int, *, shared_filesystem: bool = False) -> None:
+    """Refuse a cache root that the nodes of a multi-node cluster would not share.
+
+    ``memory://`` lives inside one process, and a plain path is on each node's own disk:
+    on a cluster of more than one node, workers would each fill a private cache and the
+    Serve replicas would never see what the cache job built. A local path is accepted when
+    the caller states that it is a mount shared by every node (NFS, Lustre, FSx ...).
+
+    Args:
+        root: The cache root (path or fsspec URL).
+        num_nodes: Number of alive nodes in the cluster (1 for a laptop / single VM).
+        shared_filesystem: The local path is a network mount present on every node.
+
+    Raises:
+        SharedRootError: If the root cannot be shared across ``num_nodes`` nodes.
+        ValueError: If ``num_nodes`` is not positive.
+    """
+    if num_nodes < 1:
+        raise ValueError(f"num_nodes must be at least 1, got {num_nodes}")
+    protocol = fsspec.utils.get_protocol(str(root))
+    if num_nodes == 1:
+        return
+    if protocol in _PROCESS_LOCAL_PROTOCOLS:
+        raise SharedRootError(
+            f"cache.root={root!r}: memory:// is private to one process and cannot be the shared cache "
+            f"of a {num_nodes}-node cluster; use an object store URL (s3://, gs://, abfs://) or a shared mount"
+        )
+    if protocol in _NODE_LOCAL_PROTOCOLS and not shared_filesystem:
+        raise SharedRootError(
+            f"cache.root={root!r} is a node-local path on a {num_nodes}-node cluster; use an object store URL, "
+            "or set cache.shared_filesystem=true if it is a network mount present on every node"
+        )

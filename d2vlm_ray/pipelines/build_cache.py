@@ -1,0 +1,587 @@
+"""Ray Data pipeline that fills the shared feature cache: look up → decode → encode → write.
+
+Stages (one row per video):
+
+1. **Look up** (CPU tasks): hash each video's bytes, build its
+   :class:`~d2vlm_ray.types.FeatureKey` and drop videos whose entry is already sealed in
+   the cache. A rerun therefore decodes nothing.
+2. **Decode** (CPU tasks): sample frames at ``fps`` with
+   :func:`~d2vlm_ray.data.video.decode_video`.
+3. **Encode + write** (an actor pool, GPUs when configured): the frozen frame encoder from
+   a checkpoint turns frames into patch features, and the actor writes the entry (data
+   file, then sidecar). Writing in the actor keeps the features (the largest objects of
+   the pipeline, ~250 MB for a 350 s video at phi3-mini size) out of the object store.
+
+A video that fails any stage becomes a row of ``failures.parquet`` / ``failures.json`` in
+the run directory with its reason (:attr:`VideoDecodeError.reason`, or ``not_found``);
+the run still finishes and writes ``summary.json``.
+
+The per-row bodies (:func:`lookup_video`, :func:`decode_row`, :func:`encode_row`) are
+plain functions, testable without Ray; the ``_*_batch`` wrappers and
+:class:`EncodeFrames` only adapt them to Ray Data's batch dicts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from d2vlm_ray.cache import FeatureCache, SharedRootError, entry_nbytes, validate_shared_root, video_sha256
+from d2vlm_ray.cache.features import encode_decoded
+from d2vlm_ray.config import ModelConfig, dump_config, from_dict
+from d2vlm_ray.data.video import VideoDecodeError
+from d2vlm_ray.types import FeatureKey, FrameEncoder
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_FORMATS = ("auto", "evi", "list")
+CHECKPOINT_SUBDIR = "checkpoint"
+_FAILURE_COLUMNS = ("source", "stage", "reason", "message")
+
+
+@dataclass
+class CacheSettings:
+    """Where and how features are stored.
+
+    Attributes:
+        root: Path or fsspec URL of the shared cache (``s3://bucket/d2vlm-cache`` on a cluster).
+        quota_bytes: Byte budget of the shared tier (0 = unbounded); LRU eviction beyond it.
+        storage_dtype: ``float16`` (default) or ``float32``.
+        shared_filesystem: ``root`` is a local path that every node mounts (NFS, Lustre);
+            without it a local path is refused on a multi-node cluster.
+        verify_existing: Fully checksum existing entries during the look-up instead of
+            checking sidecar and size (downloads every entry).
+    """
+
+    root: str = "runs/feature_cache"
+    quota_bytes: int = 0
+    storage_dtype: str = "float16"
+    shared_filesystem: bool = False
+    verify_existing: bool = False
+
+
+@dataclass
+class BuildCacheConfig:
+    """Config of the cache-building job (``jobs/build_cache.py``).
+
+    Attributes:
+        manifest: Videos to process: an ``evi.json`` annotation file, a ``.txt`` list (one
+            path or URL per line, ``#`` comments) or a JSON list of paths.
+        manifest_format: ``auto`` (by extension and content), ``evi`` or ``list``.
+        video_root: Folder or URL that relative video paths are joined to; empty means
+            the manifest's folder.
+        checkpoint: d2vlm_ray checkpoint dir whose frame encoder is used; empty means a
+            random ``tiny`` preset model is initialised into ``<run_dir>/checkpoint``.
+        run_dir: Output folder: resolved config, summary, failures table, tiny checkpoint.
+        fps: Frame sampling rate.
+        max_frames: Frame cap per video (0 = none); part of the cache key.
+        cache: Storage settings.
+        num_cpus: CPUs of the Ray instance started when none is running (0 = all).
+        lookup_batch_size: Videos per look-up task.
+        decode_tasks: Concurrent decode tasks.
+        decode_num_cpus: CPUs reserved per decode task.
+        encode_actors: Encoder actors in the pool.
+        encode_num_cpus: CPUs reserved per encoder actor.
+        num_gpus: GPUs per encoder actor (0 = encode on CPU).
+        seed: Seed of the tiny checkpoint when one is initialised.
+    """
+
+    manifest: str = ""
+    manifest_format: str = "auto"
+    video_root: str = ""
+    checkpoint: str = ""
+    run_dir: str = "runs/build_cache"
+    fps: float = 1.0
+    max_frames: int = 0
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    num_cpus: int = 0
+    lookup_batch_size: int = 16
+    decode_tasks: int = 2
+    decode_num_cpus: float = 1.0
+    encode_actors: int = 1
+    encode_num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Cross-field checks (called by the config loader)."""
+        if not self.manifest:
+            raise ValueError("manifest: required (an evi.json, a .txt list or a JSON list of video paths)")
+        if self.manifest_format not in MANIFEST_FORMATS:
+            raise ValueError(f"manifest_format: expected one of {list(MANIFEST_FORMATS)}, got {self.manifest_format!r}")
+        if not (self.fps > 0 and math.isfinite(self.fps)):
+            raise ValueError(f"fps: must be a positive number, got {self.fps}")
+        for name in ("max_frames", "num_cpus", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("lookup_batch_size", "decode_tasks", "encode_actors"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.num_gpus < 0 or self.decode_num_cpus < 0 or self.encode_num_cpus < 0:
+            raise ValueError("num_gpus, decode_num_cpus and encode_num_cpus must be >= 0")
+        if self.cache.quota_bytes < 0:
+            raise ValueError(f"cache.quota_bytes: must be >= 0, got {self.cache.quota_bytes}")
+        if self.cache.storage_dtype not in ("float16", "float32"):
+            raise ValueError(f"cache.storage_dtype: expected float16 or float32, got {self.cache.storage_dtype!r}")
+
+
+# --- inputs ----------------------------------------------------------------------------
+
+
+def _join(root: str, path: str) -> str:
+    if "://" in path or os.path.isabs(path) or not root:
+        return path
+    return f"{root.rstrip('/')}/{path}" if "://" in root else os.path.join(root, path)
+
+
+def _evi_videos(manifest: Path, root: str) -> tuple[list[str], int]:
+    from d2vlm_ray.data.annotations import read_evi_json
+
+    result = read_evi_json(manifest, video_root=root, on_error="skip")
+    return [record.video for record in result.records], len(result.errors)
+
+
+def read_manifest(path: str, fmt: str = "auto", video_root: str = "") -> tuple[list[str], int]:
+    """Read the videos to process, deduplicated in first-seen order.
+
+    Args:
+        path: An ``evi.json`` file, a ``.txt`` list, or a JSON list of paths.
+        fmt: ``auto``, ``evi`` or ``list``.
+        video_root: Prefix for relative paths (empty: the manifest's folder).
+
+    Returns:
+        ``(sources, malformed_records)``; malformed annotation records are skipped.
+
+    Raises:
+        FileNotFoundError: If the manifest does not exist.
+        ValueError: If it is not a list of paths or an evi.json file.
+    """
+    manifest = Path(path)
+    if not manifest.is_file():
+        raise FileNotFoundError(f"manifest: no such file {path!r}")
+    root = video_root or str(manifest.parent)
+    if fmt not in MANIFEST_FORMATS:
+        raise ValueError(f"manifest_format: expected one of {list(MANIFEST_FORMATS)}, got {fmt!r}")
+    malformed = 0
+    suffix = manifest.suffix.lower()
+    if fmt == "evi":
+        paths, malformed = _evi_videos(manifest, root)
+    elif suffix != ".json":
+        if fmt == "auto" and suffix not in (".txt", ".lst", ".list"):
+            raise ValueError(f"manifest {path!r}: unknown extension {suffix!r}; set manifest_format to list or evi")
+        lines = manifest.read_text(encoding="utf-8").splitlines()
+        paths = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    else:
+        try:
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise ValueError(f"manifest {path!r}: invalid JSON ({exc})") from None
+        if not isinstance(data, list):
+            raise ValueError(f"manifest {path!r}: expected a JSON list, got {type(data).__name__}")
+        if all(isinstance(item, str) for item in data):
+            paths = list(data)
+        elif fmt == "list":
+            raise ValueError(f"manifest {path!r}: a list manifest must hold only path strings")
+        else:
+            paths, malformed = _evi_videos(manifest, root)
+    sources = list(dict.fromkeys(_join(root, p) for p in paths))
+    return sources, malformed
+
+
+# --- per-row bodies (Ray-free) ---------------------------------------------------------
+
+
+def _failure(source: str, stage: str, reason: str, message: str) -> dict[str, Any]:
+    return {"source": source, "status": "failed", "stage": stage, "reason": reason, "message": message}
+
+
+def lookup_video(
+    source: str,
+    cache: FeatureCache,
+    *,
+    fps: float,
+    max_frames: int,
+    transform_id: str,
+    encoder_id: str,
+    verify: bool = False,
+) -> dict[str, Any]:
+    """Hash one video and check whether its entry is already in the cache.
+
+    Returns:
+        A row: ``source``, ``status`` (``cached`` / ``todo`` / ``failed``), ``sha256``,
+        ``digest``, ``stage``, ``reason``, ``message``, ``hash_s``.
+    """
+    start = time.perf_counter()
+    try:
+        sha = video_sha256(source)
+    except FileNotFoundError as exc:
+        return {**_failure(source, "lookup", "not_found", str(exc)), "sha256": "", "digest": "", "hash_s": 0.0}
+    except OSError as exc:
+        return {**_failure(source, "lookup", "unreadable", str(exc)), "sha256": "", "digest": "", "hash_s": 0.0}
+    key = FeatureKey(sha, float(fps), transform_id, encoder_id, int(max_frames))
+    cached = cache.get(key) is not None if verify else cache.contains(key)
+    return {
+        "source": source,
+        "status": "cached" if cached else "todo",
+        "sha256": sha,
+        "digest": key.digest(),
+        "stage": "lookup",
+        "reason": "",
+        "message": "",
+        "hash_s": time.perf_counter() - start,
+    }
+
+
+def decode_row(row: dict[str, Any], *, fps: float, max_frames: int) -> dict[str, Any]:
+    """Decode one video; a :class:`VideoDecodeError` becomes a ``failed`` row.
+
+    Returns:
+        The input row plus ``frames`` (uint8 ``[F, H, W, 3]``; ``[0, 0, 0, 3]`` on failure),
+        ``timestamps_s``, ``duration_s``, ``source_fps``, ``decode_s`` and ``status``.
+    """
+    from d2vlm_ray.data.video import decode_video
+
+    start = time.perf_counter()
+    out = dict(row)
+    try:
+        decoded = decode_video(row["source"], fps, max_frames=max_frames or None)
+    except VideoDecodeError as exc:
+        out.update(_failure(row["source"], "decode", exc.reason, exc.message))
+        out.update(frames=np.zeros((0, 0, 0, 3), np.uint8), timestamps_s=np.zeros(0), duration_s=0.0,
+                   source_fps=0.0, decode_s=time.perf_counter() - start)
+        return out
+    out.update(
+        status="decoded",
+        frames=decoded.frames,
+        timestamps_s=np.asarray(decoded.timestamps_s, dtype=np.float64),
+        duration_s=float(decoded.duration_s),
+        source_fps=float(decoded.source_fps),
+        decode_s=time.perf_counter() - start,
+    )
+    logger.info("decoded %s: %d frames in %.2f s", row["source"], len(decoded.frames), out["decode_s"])
+    return out
+
+
+def encode_row(
+    row: dict[str, Any], encoder: FrameEncoder, cache: FeatureCache, *, fps: float, max_frames: int
+) -> dict[str, Any]:
+    """Encode one decoded video and write its cache entry; failed rows pass through.
+
+    Returns:
+        A small result row (no frames): ``source``, ``status`` (``computed`` / ``failed``),
+        ``stage``, ``reason``, ``message``, ``digest``, ``n_frames``, ``bytes``,
+        ``decode_s``, ``encode_s``.
+    """
+    out = {name: row.get(name, "") for name in ("source", "status", "stage", "reason", "message", "digest")}
+    out.update(n_frames=0, bytes=0, decode_s=float(row.get("decode_s", 0.0)), encode_s=0.0)
+    if row.get("status") == "failed":
+        return out
+    start = time.perf_counter()
+    key = FeatureKey(row["sha256"], float(fps), encoder.transform_id, encoder.encoder_id, int(max_frames))
+    try:
+        feats = encode_decoded(encoder, row["frames"], row["timestamps_s"], row["duration_s"], row["source_fps"])
+        before = cache.stats()["bytes_written"]
+        cache.put(key, feats)
+        written = cache.stats()["bytes_written"] - before
+    except ValueError as exc:
+        out.update(_failure(row["source"], "encode", "encode_error", str(exc)))
+        return out
+    out.update(status="computed", stage="encode", digest=key.digest(), n_frames=feats.num_frames, bytes=written,
+               encode_s=time.perf_counter() - start)
+    logger.info("encoded %s: %d frames, %d B in %.2f s", row["source"], feats.num_frames, written, out["encode_s"])
+    return out
+
+
+# --- Ray Data adapters -----------------------------------------------------------------
+
+
+def _rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    n = len(next(iter(batch.values())))
+    return [{name: values[i] for name, values in batch.items()} for i in range(n)]
+
+
+def _columns(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    names = list(rows[0])
+    out: dict[str, Any] = {}
+    for name in names:
+        values = [row[name] for row in rows]
+        if isinstance(values[0], np.ndarray):
+            if len({v.shape for v in values}) == 1:
+                out[name] = np.stack(values)
+            else:
+                ragged = np.empty(len(values), dtype=object)
+                ragged[:] = values
+                out[name] = ragged
+        else:
+            out[name] = np.asarray(values)
+    return out
+
+
+def _plain(row: dict[str, Any]) -> dict[str, Any]:
+    """numpy scalars from Ray batches back to Python values."""
+    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
+
+
+def _cache_kwargs(settings: CacheSettings) -> dict[str, Any]:
+    return {
+        "root": settings.root,
+        "memory_bytes": 0,  # workers see each video once; the memory tier would only hold RAM
+        "quota_bytes": settings.quota_bytes or None,
+        "storage_dtype": settings.storage_dtype,
+    }
+
+
+def _lookup_batch(batch: dict[str, np.ndarray], *, cache_kwargs: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    cache = FeatureCache(cache_kwargs["root"], **{k: v for k, v in cache_kwargs.items() if k != "root"})
+    return _columns([lookup_video(str(s), cache, **kwargs) for s in batch["source"]])
+
+
+def _decode_batch(batch: dict[str, np.ndarray], *, fps: float, max_frames: int) -> dict[str, Any]:
+    return _columns([decode_row(_plain(row), fps=fps, max_frames=max_frames) for row in _rows(batch)])
+
+
+class EncodeFrames:
+    """Ray Data actor UDF: load the frame encoder once, then encode and write per video.
+
+    Args:
+        checkpoint: Checkpoint dir (must be readable from every node).
+        cache_kwargs: ``FeatureCache`` arguments (``root`` plus keywords).
+        fps: Sampling rate (key field).
+        max_frames: Frame cap (key field).
+        use_gpu: Put the encoder on ``cuda`` when one is visible.
+    """
+
+    def __init__(
+        self, checkpoint: str, cache_kwargs: dict[str, Any], fps: float, max_frames: int, use_gpu: bool = False
+    ) -> None:
+        import torch
+
+        from d2vlm_ray.model.checkpoint import load_frame_encoder
+
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.encoder = load_frame_encoder(checkpoint, device=device)
+        self.cache = FeatureCache(cache_kwargs["root"], **{k: v for k, v in cache_kwargs.items() if k != "root"})
+        self.fps = fps
+        self.max_frames = max_frames
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        rows = [
+            encode_row(_plain(row), self.encoder, self.cache, fps=self.fps, max_frames=self.max_frames)
+            for row in _rows(batch)
+        ]
+        return _columns(rows)
+
+
+# --- driver ----------------------------------------------------------------------------
+
+
+def resolve_checkpoint(cfg: BuildCacheConfig) -> Path:
+    """The checkpoint to encode with; initialises the tiny preset when none is configured."""
+    if cfg.checkpoint:
+        ckpt = Path(cfg.checkpoint)
+        if not (ckpt / "config.json").is_file():
+            raise FileNotFoundError(f"checkpoint: {cfg.checkpoint!r} is not a checkpoint dir (no config.json)")
+        return ckpt
+    ckpt = Path(cfg.run_dir) / CHECKPOINT_SUBDIR
+    if (ckpt / "config.json").is_file():
+        logger.info("no checkpoint configured: reusing the tiny-preset checkpoint at %s", ckpt)
+        return ckpt
+    from d2vlm_ray.model.checkpoint import init_checkpoint
+
+    logger.warning("no checkpoint configured: initialising a random 'tiny' preset model at %s", ckpt)
+    return init_checkpoint(from_dict(ModelConfig, {"preset": "tiny"}), ckpt, seed=cfg.seed)
+
+
+def _vision_shape(ckpt: Path) -> tuple[int, int]:
+    """``(P, C)`` of the checkpoint's frame encoder, from its config (weights not loaded)."""
+    meta = json.loads((ckpt / "config.json").read_text())
+    vision = from_dict(ModelConfig, meta["model"]).vision
+    return (vision.image_size // vision.patch_size) ** 2, vision.hidden_size
+
+
+def _count_frames(source: str, fps: float, max_frames: int) -> int:
+    from d2vlm_ray.data.video import probe_video, sample_frame_indices
+
+    index = probe_video(source)
+    return len(sample_frame_indices(index.times_s, index.duration_s, fps, max_frames or None))
+
+
+def project_cache_bytes(cfg: BuildCacheConfig, *, workers: int = 4) -> dict[str, Any]:
+    """Projected shared-cache bytes for every video of the manifest (``--dry-run``).
+
+    Reads only container indexes (no frame is decoded, nothing is encoded, no Ray) and
+    assumes nothing is cached yet, so it is an upper bound for the run.
+
+    Returns:
+        ``videos``, ``frames``, ``projected_bytes``, ``bytes_per_frame``, ``unreadable``
+        (by reason), ``quota_bytes`` and ``fits_quota``.
+    """
+    sources, malformed = read_manifest(cfg.manifest, cfg.manifest_format, cfg.video_root)
+    if cfg.checkpoint:
+        num_patches, patch_dim = _vision_shape(resolve_checkpoint(cfg))
+    else:
+        vision = from_dict(ModelConfig, {"preset": "tiny"}).vision
+        num_patches, patch_dim = (vision.image_size // vision.patch_size) ** 2, vision.hidden_size
+
+    def frames_or_reason(source: str) -> int | str:
+        try:
+            return _count_frames(source, cfg.fps, cfg.max_frames)
+        except VideoDecodeError as exc:
+            return exc.reason
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        counted = list(pool.map(frames_or_reason, sources))
+    frames = sum(c for c in counted if isinstance(c, int))
+    projected = sum(entry_nbytes(c, num_patches, patch_dim, cfg.cache.storage_dtype) for c in counted if isinstance(c, int))
+    quota = cfg.cache.quota_bytes or None
+    return {
+        "videos": len(sources),
+        "malformed_records": malformed,
+        "frames": frames,
+        "num_patches": num_patches,
+        "patch_dim": patch_dim,
+        "storage_dtype": cfg.cache.storage_dtype,
+        "bytes_per_frame": entry_nbytes(1, num_patches, patch_dim, cfg.cache.storage_dtype),
+        "projected_bytes": projected,
+        "unreadable": dict(Counter(c for c in counted if isinstance(c, str))),
+        "quota_bytes": quota,
+        "fits_quota": quota is None or projected <= quota,
+    }
+
+
+def _write_failures(rows: list[dict[str, Any]], run_dir: Path) -> Path:
+    table = pa.table({name: [str(r.get(name, "")) for r in rows] for name in _FAILURE_COLUMNS})
+    path = run_dir / "failures.parquet"
+    pq.write_table(table, path)
+    (run_dir / "failures.json").write_text(json.dumps(table.to_pylist(), indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def build_cache(cfg: BuildCacheConfig) -> dict[str, Any]:
+    """Fill the shared feature cache for every video of ``cfg.manifest`` (Ray must be initialised).
+
+    Returns:
+        The run summary (also written to ``<run_dir>/summary.json``): ``videos``, ``hits``
+        (already cached), ``computed``, ``decoded`` (videos sent to the decoder),
+        ``failed`` with ``failed_by_reason``, ``bytes_written``, ``seconds`` and
+        per-stage seconds, plus the cache root, checkpoint and encoder id.
+
+    Raises:
+        SharedRootError: If the cache root cannot be shared across the cluster's nodes.
+        FileNotFoundError / ValueError: On a missing manifest or checkpoint, bad config.
+    """
+    import ray
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+    from d2vlm_ray.model.checkpoint import load_frame_encoder
+
+    start = time.perf_counter()
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir)
+    num_nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    validate_shared_root(cfg.cache.root, num_nodes, shared_filesystem=cfg.cache.shared_filesystem)
+    if cfg.cache.root.startswith("memory://"):
+        # Ray Data workers are separate processes, so even one node cannot share memory://.
+        raise SharedRootError(f"cache.root={cfg.cache.root!r}: memory:// is private to one process; Ray workers "
+                              "would each write their own. Use a path or an object store URL")
+    sources, malformed = read_manifest(cfg.manifest, cfg.manifest_format, cfg.video_root)
+    ckpt = resolve_checkpoint(cfg)
+    encoder = load_frame_encoder(ckpt)
+    ids = {"transform_id": encoder.transform_id, "encoder_id": encoder.encoder_id}
+    del encoder
+    cache_kwargs = _cache_kwargs(cfg.cache)
+    logger.info("build_cache: %d videos from %s; cache %s; encoder %s", len(sources), cfg.manifest,
+                cfg.cache.root, ids["encoder_id"])
+    stage_s: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    looked = [_plain(r) for r in ray.data.from_items([{"source": s} for s in sources]).map_batches(
+        _lookup_batch,
+        batch_size=cfg.lookup_batch_size,
+        compute=TaskPoolStrategy(size=cfg.decode_tasks),
+        num_cpus=cfg.decode_num_cpus,
+        fn_kwargs={"cache_kwargs": cache_kwargs, "fps": cfg.fps, "max_frames": cfg.max_frames,
+                   "verify": cfg.cache.verify_existing, **ids},
+    ).take_all()] if sources else []
+    stage_s["lookup"] = time.perf_counter() - t0
+    todo = [r for r in looked if r["status"] == "todo"]
+    hits = sum(r["status"] == "cached" for r in looked)
+    failed_rows = [r for r in looked if r["status"] == "failed"]
+    logger.info("lookup: %d cached, %d to compute, %d failed (%.1f s)", hits, len(todo), len(failed_rows),
+                stage_s["lookup"])
+
+    t0 = time.perf_counter()
+    results: list[dict[str, Any]] = []
+    if todo:
+        items = [{k: r[k] for k in ("source", "sha256", "digest", "status", "stage", "reason", "message")}
+                 for r in todo]
+        decoded = ray.data.from_items(items).map_batches(
+            _decode_batch,
+            batch_size=1,
+            compute=TaskPoolStrategy(size=cfg.decode_tasks),
+            num_cpus=cfg.decode_num_cpus,
+            fn_kwargs={"fps": cfg.fps, "max_frames": cfg.max_frames},
+        )
+        encoded = decoded.map_batches(
+            EncodeFrames,
+            batch_size=1,
+            compute=ActorPoolStrategy(size=cfg.encode_actors),
+            num_cpus=cfg.encode_num_cpus,
+            num_gpus=cfg.num_gpus or None,
+            fn_constructor_kwargs={"checkpoint": str(ckpt.resolve()), "cache_kwargs": cache_kwargs, "fps": cfg.fps,
+                                   "max_frames": cfg.max_frames, "use_gpu": cfg.num_gpus > 0},
+        )
+        results = [_plain(r) for r in encoded.take_all()]
+    stage_s["decode_encode_write"] = time.perf_counter() - t0
+    computed = [r for r in results if r["status"] == "computed"]
+    failed_rows += [r for r in results if r["status"] == "failed"]
+    logger.info("decode+encode: %d computed, %d failed (%.1f s)", len(computed),
+                sum(r["status"] == "failed" for r in results), stage_s["decode_encode_write"])
+
+    t0 = time.perf_counter()
+    driver_cache = FeatureCache(cfg.cache.root, memory_bytes=0, quota_bytes=cfg.cache.quota_bytes or None,
+                                storage_dtype=cfg.cache.storage_dtype)
+    evicted = driver_cache.enforce_quota()
+    index = driver_cache.compact_index()
+    stage_s["index"] = time.perf_counter() - t0
+    failures_path = _write_failures(failed_rows, run_dir)
+    summary = {
+        "videos": len(sources),
+        "malformed_records": malformed,
+        "hits": hits,
+        "computed": len(computed),
+        "decoded": len(todo),
+        "failed": len(failed_rows),
+        "failed_by_reason": dict(Counter(r["reason"] for r in failed_rows)),
+        "frames": sum(int(r["n_frames"]) for r in computed),
+        "bytes_written": sum(int(r["bytes"]) for r in computed),
+        "decode_s": round(sum(float(r["decode_s"]) for r in results), 3),
+        "encode_s": round(sum(float(r["encode_s"]) for r in computed), 3),
+        "stage_seconds": {k: round(v, 3) for k, v in stage_s.items()},
+        "seconds": round(time.perf_counter() - start, 3),
+        "evicted": len(evicted),
+        "cache_entries": index["entries"],
+        "cache_bytes": index["bytes"],
+        "cache_root": cfg.cache.root,
+        "checkpoint": str(ckpt),
+        "encoder_id": ids["encoder_id"],
+        "failures": str(failures_path),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    logger.info("build_cache done: %s", json.dumps({k: summary[k] for k in ("videos", "hits", "computed", "failed",
+                                                                         "bytes_written", "seconds")}))
+    return summary

@@ -1,0 +1,152 @@
+"""``ServeArgs``: the ``args:`` block of a Serve config, validated before anything deploys.
+
+Relative paths are resolved against the working directory of the process that builds the
+app (``serve run`` / ``serve deploy`` from the repository root); replicas receive absolute
+paths. A missing checkpoint fails here with what to run, never with invented weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from d2vlm_ray.serving.core import FeatureSettings
+
+QUICKSTART_HINT = (
+    "For the tiny quickstart model, run the quickstart first (it writes a checkpoint), or create a random "
+    "tiny checkpoint with: python -c \"from d2vlm_ray.config import from_dict, ModelConfig; "
+    "from d2vlm_ray.model.checkpoint import init_checkpoint; "
+    "init_checkpoint(from_dict(ModelConfig, {'preset': 'tiny'}), 'CHECKPOINT_DIR')\""
+)
+
+
+class ServeArgs(BaseModel):
+    """Arguments of :func:`d2vlm_ray.serving.app.build_app`.
+
+    Attributes:
+        checkpoint_dir: d2vlm_ray checkpoint directory (from training or ``init_checkpoint``).
+        preset: The preset the checkpoint is expected to have; only used to say what to
+            run when the directory is missing.
+        model_id: Name reported by ``/v1/models``.
+        cache_root: Shared fsspec root of the feature cache (every replica's node must
+            see the same storage: a shared filesystem or an object store).
+        cache_memory_bytes: In-process cache tier per replica.
+        cache_storage_dtype: ``float16`` or ``float32``.
+        media_roots: Directories whose videos requests may name by path.
+        allowed_url_schemes: URL schemes requests may use (``file`` URLs must also lie
+            under a media root).
+        max_upload_bytes: Largest multipart upload (413 beyond).
+        max_json_bytes: Largest JSON body (413 beyond).
+        max_video_duration_s: Longest video (413 beyond).
+        fps: Frame sampling rate.
+        max_frames: Frame cap per video.
+        dtype: Grounder/Answerer compute dtype (``float64`` for parity checks).
+        encoder_dtype: FrameEncoder compute dtype.
+        device: ``auto`` (GPU if visible), ``cpu`` or ``cuda``.
+        default_max_new_tokens: Answer token bound when a request sets none.
+        max_new_tokens: Largest answer token bound a request may ask for.
+        default_max_grounding_tokens: Grounding token bound when a request sets none.
+        max_grounding_tokens: Largest grounding token bound a request may ask for.
+        default_deadline_s: Deadline when a request sets none.
+        max_deadline_s: Longest deadline a request may ask for.
+        max_inflight_requests: Requests one Ingress replica works on at once; more get
+            503 with ``Retry-After`` instead of queueing.
+        retry_after_s: The ``Retry-After`` value of a 503.
+        max_batch_size: Largest batch the Grounder and Answerer decode together.
+        batch_wait_timeout_s: How long they wait to fill a batch.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint_dir: str
+    preset: Literal["tiny", "phi3-mini"] | None = None
+    model_id: str = "d2vlm"
+    cache_root: str
+    cache_memory_bytes: int = Field(256 << 20, ge=0)
+    cache_storage_dtype: Literal["float16", "float32"] = "float16"
+    media_roots: list[str] = Field(default_factory=list)
+    allowed_url_schemes: list[str] = Field(default_factory=lambda: ["file", "s3", "gs"])
+    max_upload_bytes: int = Field(64 << 20, gt=0)
+    max_json_bytes: int = Field(1 << 20, gt=0)
+    max_video_duration_s: float | None = Field(600.0, gt=0)
+    fps: float = Field(1.0, gt=0)
+    max_frames: int | None = Field(128, ge=1)
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
+    encoder_dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
+    device: str = "auto"
+    default_max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
+    default_max_grounding_tokens: int = Field(16, ge=1)
+    max_grounding_tokens: int = Field(64, ge=1)
+    default_deadline_s: float = Field(30.0, gt=0)
+    max_deadline_s: float = Field(120.0, gt=0)
+    max_inflight_requests: int = Field(32, ge=1)
+    retry_after_s: int = Field(1, ge=1)
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ServeArgs:
+        for default, limit in (
+            ("default_max_new_tokens", "max_new_tokens"),
+            ("default_max_grounding_tokens", "max_grounding_tokens"),
+            ("default_deadline_s", "max_deadline_s"),
+        ):
+            if getattr(self, default) > getattr(self, limit):
+                raise ValueError(f"{default} must not exceed {limit}")
+        return self
+
+    @classmethod
+    def load(cls, args: dict[str, Any], *, base_dir: str | None = None) -> ServeArgs:
+        """Validate ``args``, make local paths absolute and check the checkpoint exists.
+
+        Raises:
+            pydantic.ValidationError: On unknown or ill-typed fields.
+            FileNotFoundError: If the checkpoint directory is missing (with what to run).
+        """
+        parsed = cls.model_validate(args)
+        base = Path(base_dir or os.getcwd())
+
+        def absolute(path: str) -> str:
+            if "://" in path:
+                return path
+            return str((base / os.path.expanduser(path)).resolve())
+
+        parsed = parsed.model_copy(
+            update={
+                "checkpoint_dir": absolute(parsed.checkpoint_dir),
+                "cache_root": absolute(parsed.cache_root),
+                "media_roots": [absolute(r) for r in parsed.media_roots],
+            }
+        )
+        parsed.check_checkpoint()
+        return parsed
+
+    def check_checkpoint(self) -> None:
+        """Raise ``FileNotFoundError`` saying what to run if the checkpoint is missing."""
+        ckpt = Path(self.checkpoint_dir)
+        if (ckpt / "config.json").is_file():
+            return
+        problem = "does not exist" if not ckpt.exists() else "holds no config.json (not a checkpoint)"
+        message = f"checkpoint_dir {str(ckpt)!r} {problem}."
+        if self.preset in (None, "tiny"):
+            message += " " + QUICKSTART_HINT.replace("CHECKPOINT_DIR", str(ckpt))
+        else:
+            message += " Point checkpoint_dir at a trained d2vlm_ray checkpoint (jobs write them under runs/)."
+        raise FileNotFoundError(message)
+
+    def feature_settings(self) -> FeatureSettings:
+        """Sampling and limits for :class:`~d2vlm_ray.serving.core.FeatureService`."""
+        return FeatureSettings(fps=self.fps, max_frames=self.max_frames, max_duration_s=self.max_video_duration_s)
+
+    def validation_context(self, *, upload: bool) -> dict[str, Any]:
+        """The context :mod:`d2vlm_ray.serving.schemas` validates requests with."""
+        return {
+            "upload": upload,
+            "max_new_tokens": self.max_new_tokens,
+            "max_grounding_tokens": self.max_grounding_tokens,
+            "max_deadline_s": self.max_deadline_s,
+        }
