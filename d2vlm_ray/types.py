@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch costs ~3 s to import; Ray tasks that only read records skip it
+    import torch
 
 SpanS = tuple[float, float]
 """A closed time interval ``(start_s, end_s)`` in seconds."""

@@ -17,6 +17,11 @@ e.g. ``cache.root=s3://bucket/d2vlm-cache``)::
     ray job submit --working-dir . -- python -m jobs.build_cache \\
         --config jobs/configs/build_cache_tiny.yaml cache.root=s3://bucket/d2vlm-cache
 
+Under ``ray job submit`` the entrypoint runs in an uploaded copy of the working dir, so
+give ``manifest``, ``run_dir`` and ``cache.root`` as absolute paths or URLs that every node
+can read; the encoder actors load the checkpoint from ``checkpoint`` (or
+``<run_dir>/checkpoint``), which must be on storage every node mounts.
+
 Exit codes: 0 when the run finished (failed videos are listed, not fatal), 2 on a bad
 config, manifest, checkpoint or cache root.
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from d2vlm_ray.cache import SharedRootError
@@ -57,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         import ray
 
         if not ray.is_initialized():
-            ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False)
+            if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`: join the cluster as it is
+                ray.init()
+            else:
+                ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False)
         summary = build_cache(cfg)
     except (ConfigError, SharedRootError, FileNotFoundError, ValueError) as exc:
         print(f"build_cache: {exc}", file=sys.stderr)

@@ -12,7 +12,8 @@ Local (starts an in-process Ray with ``num_cpus`` when none is running)::
     python -m jobs.evaluate --config jobs/configs/evaluate_tiny.yaml limit=10 decoding.inject_evidence=false \\
         output_dir=runs/eval_tiny_no_inject
     python -m jobs.evaluate --config jobs/configs/evaluate_tiny.yaml blank_frames=true output_dir=runs/eval_tiny_blank
-    python -m jobs.evaluate --config jobs/configs/evaluate_tiny.yaml decoding.preset=official output_dir=runs/eval_official
+    python -m jobs.evaluate --config jobs/configs/evaluate_tiny.yaml decoding.preset=official \\
+        output_dir=runs/eval_tiny_official
 
 On a running cluster (``ray start --head``; paths must be visible to every node, e.g. a
 shared mount, and ``cache.root`` may be ``s3://...``)::
@@ -35,7 +36,7 @@ import logging
 import sys
 
 from d2vlm_ray.config import ConfigError, load_config
-from d2vlm_ray.pipelines.inference import EvaluateConfig, evaluate
+from d2vlm_ray.pipelines.inference import EvaluateConfig, check_inputs, evaluate
 
 __all__ = ["EvaluateConfig", "evaluate", "main"]
 
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(EvaluateConfig, args.config, args.overrides)
+        check_inputs(cfg)
         import ray
 
         if not ray.is_initialized():

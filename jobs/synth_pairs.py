@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     if not ray.is_initialized():
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=False)
     if "://" not in cfg.out_dir:
-        # Remote run folders get the resolved config through the report's caller instead.
+        # Remote run folders carry the resolved config inside report.json instead.
         dump_config(cfg, cfg.out_dir)
     try:
         report = synthesize_pairs(cfg)

@@ -21,15 +21,31 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Export custom metrics every second instead of every 10 s, so metric tests finish quickly.
+os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+METRICS_PORT = _free_port()
+
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
-    """A local 2-CPU Ray cluster shared by every test of the session."""
+    """A local 2-CPU Ray cluster shared by every test of the session.
+
+    Its Prometheus metrics are exported on ``METRICS_PORT`` (see ``ray_metrics_port``).
+    """
     import ray
 
     if not ray.is_initialized():
@@ -39,6 +55,13 @@ def ray_cluster() -> Iterator[None]:
             object_store_memory=256 * 1024 * 1024,
             log_to_driver=False,
             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
+            _metrics_export_port=METRICS_PORT,
         )
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_metrics_port(ray_cluster: None) -> int:
+    """Port of the session cluster's Prometheus endpoint (``/metrics`` on 127.0.0.1)."""
+    return METRICS_PORT

@@ -90,7 +90,8 @@ def test_variant_errors_name_the_argument() -> None:
     with pytest.raises(ValueError, match="ref_chosen_logp"):
         preference_loss(torch.zeros(1), torch.zeros(1), variant="dpo")
     with pytest.raises(ValueError, match="ref_chosen_logp"):
-        preference_loss(torch.zeros(1), torch.zeros(1), ref_chosen_logp=torch.zeros(1), ref_rejected_logp=torch.zeros(1))
+        zero = torch.zeros(1)
+        preference_loss(zero, zero, ref_chosen_logp=zero, ref_rejected_logp=zero)
 
 
 def _hand_output(chosen_text: float, rejected_text: float) -> PairOutput:

@@ -75,7 +75,27 @@ def test_samples_resolve_videos_and_keep_etbench_fields(bench: dict[str, Path], 
         load_samples(_cfg(bench, tmp_path, annotations=str(bad)))
 
 
-def test_config_errors_name_the_field(bench: dict[str, Path], tmp_path: Path) -> None:
+def test_etbench_file_keeps_its_original_fields(bench: dict[str, Path], tmp_path: Path) -> None:
+    items = [
+        {"version": 1.0, "idx": 7, "task": "vhd", "source": "qvhighlights", "video": "videos/a.mp4", "duration": 30.0,
+         "tgt": [[[1.0, 2.0]], [[3.0, 4.0], [5.0, 6.0]]], "q": "When is the highlight?"},
+        {"version": 1.0, "idx": 3, "task": "rvq", "source": "star", "video": "videos/b.mp4", "duration": 20.0,
+         "o": ["x", "y"], "p": 1, "q": "Which?", "a": "stale answer"},
+    ]
+    path = tmp_path / "etbench.json"
+    path.write_text(json.dumps(items))
+    sample_set = load_samples(_cfg(bench, tmp_path, annotations=str(path)))
+    assert sample_set.format == "etbench"
+    assert [s.sample_id for s in sample_set.samples] == ["7", "3"]
+    # The scorer needs the original nesting (VHD annotators), and an old answer is dropped.
+    assert sample_set.samples[0].base["tgt"] == items[0]["tgt"]
+    assert "a" not in sample_set.samples[1].base and sample_set.samples[1].base["p"] == 1
+    assert sample_set.samples[0].record["video"] == str(tmp_path / "videos" / "a.mp4")
+
+
+def test_config_errors_name_the_field(
+    bench: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(ConfigError, match="checkpoint_dir"):
         as_config({"annotations": "a.json", "output_dir": "o"})
     with pytest.raises(ConfigError, match="decoding.nope"):
@@ -87,6 +107,9 @@ def test_config_errors_name_the_field(bench: dict[str, Path], tmp_path: Path) ->
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump({"checkpoint_dir": "x", "annotations": "y", "output_dir": str(tmp_path)}))
     assert main(["--config", str(cfg_path), "compute.batch_size=0"]) == 2
+    # Missing inputs are reported before any Ray cluster is started.
+    assert main(["--config", str(cfg_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_decoding_presets_and_seeds() -> None:
@@ -205,3 +228,7 @@ def test_evaluate_job_end_to_end_with_resume(bench: dict[str, Path], tmp_path: P
     assert again["n_predicted"] == 0 and again["n_resumed"] == n_samples and again["n_failed"] == 1
     assert (out / "predictions.json").read_bytes() == first_bytes
     assert len(list((out / "shards").glob("part-*.jsonl"))) >= 1
+
+    # An actor no node can host would wait forever: refused up front instead.
+    with pytest.raises(ValueError, match="GPUs"):
+        evaluate(cfg | {"output_dir": str(tmp_path / "gpu"), "limit": 1, "compute": {"device": "cuda"}})

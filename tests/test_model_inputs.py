@@ -97,3 +97,26 @@ def test_question_longer_than_the_context_is_rejected() -> None:
 def test_question_side_evidence_spans_are_mapped() -> None:
     batch = _build(questions=["What happened during <evi>?"], src_spans_s=[[(5.0, 7.0)]])
     assert batch.src_spans_idx[0] == [(5, 7)]
+
+
+def test_generation_refuses_to_run_past_the_context() -> None:
+    from d2vlm_ray.config import DecodeSettings
+    from d2vlm_ray.model.generation import generate
+    from tests.helpers_model import tiny_model
+
+    model = tiny_model()
+    tok = tiny_tokenizers()
+    batch = build_batch(tok.llm, tok.qformer, ["When does it stop?"], [_feats(1000)], [np.arange(1000.0)], [1000.0])
+    with pytest.raises(ValueError, match="exceed the model's context of 1024"):
+        generate(model, tok.llm, batch, DecodeSettings(max_new_tokens=64))
+
+
+def test_missing_qformer_tokenizer_dir_names_the_setting(tmp_path) -> None:
+    from d2vlm_ray.config import ModelConfig, from_dict
+    from d2vlm_ray.model.builders import build_tokenizers
+
+    cfg = from_dict(ModelConfig, {"preset": "tiny", "qformer": {"tokenizer_dir": str(tmp_path / "missing")}})
+    with pytest.raises(FileNotFoundError, match="model.qformer.tokenizer_dir"):
+        build_tokenizers(cfg)
+    with pytest.raises(FileNotFoundError, match="model.tokenizer_dir"):
+        build_tokenizers(from_dict(ModelConfig, {"preset": "phi3-mini"}))

@@ -95,10 +95,10 @@ def test_branches_are_independent(setup: dict) -> None:
     changed = [replace(PAIRS[0], rejected_text="<evi></evi>The event happens in <evi>.", rejected_spans_s=[(2.0, 5.0)])]
     with torch.no_grad():
         base = _pair(setup)
-        other = pair_forward(
-            setup["model"],
-            build_pair_batch(tiny_tokenizers(), changed + PAIRS[1:], setup["patches"], setup["times"], setup["durations"]),
+        batch = build_pair_batch(
+            tiny_tokenizers(), changed + PAIRS[1:], setup["patches"], setup["times"], setup["durations"]
         )
+        other = pair_forward(setup["model"], batch)
     assert torch.allclose(base.chosen_logp, other.chosen_logp, atol=1e-10)
     assert torch.allclose(base.rejected_logp[1:], other.rejected_logp[1:], atol=1e-10)
     assert not torch.allclose(base.rejected_logp[:1], other.rejected_logp[:1])

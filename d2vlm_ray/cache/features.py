@@ -195,6 +195,8 @@ class FeatureCache:
                 self._memory.move_to_end(digest)
                 self._counters["hits_memory"] += 1
         if item is not None:
+            # A replica serving a hot video from memory must keep its shared entry "recent".
+            self.store.touch(digest)
             return self._to_features(item)
         try:
             found = self.store.read(digest)
@@ -248,7 +250,7 @@ class FeatureCache:
         with self._lock:
             estimate = self._shared_used_estimate
         if estimate is None:
-            _, estimate = self.store.scan()
+            estimate = self.store.used_bytes()
         else:
             estimate += nbytes
         if self.quota_bytes is not None and estimate > self.quota_bytes:
@@ -309,7 +311,9 @@ def _rebuild(root: str, kwargs: dict[str, Any]) -> FeatureCache:
     return FeatureCache(root, **kwargs)
 
 
-def compute_features(encoder: FrameEncoder, source: str, *, fps: float = 1.0, max_frames: int | None = None) -> CachedFeatures:
+def compute_features(
+    encoder: FrameEncoder, source: str, *, fps: float = 1.0, max_frames: int | None = None
+) -> CachedFeatures:
     """Decode ``source`` at ``fps`` and encode its frames (no cache involved).
 
     Raises:

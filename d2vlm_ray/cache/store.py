@@ -45,6 +45,7 @@ import logging
 import os
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +66,7 @@ STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 _META_KEY = b"d2vlm_ray.cache"
 _ORPHAN_GRACE_S = 3600.0
+_SIDECAR_FIELDS = ("data", "sha256", "size_bytes", "created_s")
 
 
 class CorruptEntryError(ValueError):
@@ -263,11 +265,11 @@ class SharedStore:
             return None
         try:
             sidecar = json.loads(raw)
-            for field in ("data", "sha256", "size_bytes", "created_s"):
-                sidecar[field]  # noqa: B018 - presence check
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CorruptEntryError(f"malformed sidecar: {exc}") from None
-        return dict(sidecar)
+        except ValueError as exc:
+            raise CorruptEntryError(f"malformed sidecar of {digest}: {exc}") from None
+        if not isinstance(sidecar, dict) or any(f not in sidecar for f in _SIDECAR_FIELDS):
+            raise CorruptEntryError(f"malformed sidecar of {digest}: needs fields {_SIDECAR_FIELDS}")
+        return sidecar
 
     def has_unsealed_data(self, digest: str) -> bool:
         """Whether data files exist for an entry (used to classify a sidecar-less miss)."""
@@ -325,7 +327,7 @@ class SharedStore:
         digest = key.digest()
         data = encode_entry(key, payload)
         checksum = hashlib.sha256(data).hexdigest()
-        name = "data.parquet"
+        name = f"{checksum[:16]}.parquet"
         self._write(f"{self.data_dir(digest)}/{name}", data)
         now = time.time()
         sidecar = {
@@ -350,7 +352,7 @@ class SharedStore:
             Whether a marker was written.
         """
         now = time.time() if now is None else now
-        if not force and now - self._touched.get(digest, -np.inf) < self.touch_interval_s:
+        if not force and now - self._touched.get(digest, float("-inf")) < self.touch_interval_s:
             return False
         self._touched[digest] = now
         try:
@@ -390,32 +392,44 @@ class SharedStore:
                     continue
         return out
 
+    def _digest_of(self, path: str) -> str:
+        """The entry digest a file under ``entries/`` belongs to (sidecar, data or temp file)."""
+        rel = path[len(self.base) + len("/entries/") :].split("/")
+        return rel[1].split(".json")[0] if len(rel) > 1 else ""
+
+    def used_bytes(self) -> int:
+        """Bytes under ``entries/`` (one listing, no reads)."""
+        return sum(int(info.get("size", 0) or 0) for info in self._find("entries").values())
+
     def scan(self) -> tuple[list[dict[str, Any]], int]:
         """List every sealed entry with its size and last access, plus total bytes used.
 
         Returns:
             ``(entries, used_bytes)``; each entry dict holds the sidecar fields plus
+            ``digest``, ``bytes`` (everything stored for it, orphans included) and
             ``last_access_s``. ``used_bytes`` counts every file under ``entries/``
             (orphans and unsealed data included), since that is what the store bills.
         """
         files = self._find("entries")
-        used = sum(int(info.get("size", 0) or 0) for info in files.values())
+        per_digest: Counter[str] = Counter()
+        for path, info in files.items():
+            per_digest[self._digest_of(path)] += int(info.get("size", 0) or 0)
         entries = []
         for path in files:
             if not path.endswith(".json"):
                 continue
-            digest = path.rsplit("/", 1)[-1][: -len(".json")]
+            digest = self._digest_of(path)
             try:
                 sidecar = self.read_sidecar(digest)
             except CorruptEntryError:
-                sidecar = {"digest": digest, "data": "", "size_bytes": 0, "created_s": 0.0, "sha256": ""}
+                # Still listed, so that eviction can reclaim its bytes.
+                sidecar = {"data": "", "sha256": "", "size_bytes": 0, "created_s": 0.0}
             if sidecar is not None:
-                sidecar["digest"] = digest
-                entries.append(sidecar)
+                entries.append({**sidecar, "digest": digest, "bytes": per_digest[digest]})
         access = self._last_access(e["digest"] for e in entries)
         for entry in entries:
             entry["last_access_s"] = max(float(entry.get("created_s", 0.0)), access.get(entry["digest"], 0.0))
-        return entries, used
+        return entries, sum(per_digest.values())
 
     def enforce_quota(self, quota_bytes: int, protect: Iterable[str] = ()) -> tuple[list[str], int]:
         """Evict least-recently-used entries until the store uses at most ``quota_bytes``.
@@ -435,13 +449,8 @@ class SharedStore:
                 break
             if entry["digest"] in keep:
                 continue
-            freed = sum(
-                int(info.get("size", 0) or 0)
-                for path, info in self._find(f"entries/{entry['digest'][:2]}").items()
-                if path.startswith(self.data_dir(entry["digest"]) + "/") or path == self.sidecar_path(entry["digest"])
-            )
             self.delete(entry["digest"])
-            used -= freed
+            used -= entry["bytes"]
             evicted.append(entry["digest"])
         if evicted:
             logger.info("cache quota %d B: evicted %d entries, %d B in use", quota_bytes, len(evicted), used)

@@ -583,7 +583,9 @@ def perturb(
     return _combined(ctx)
 
 
-def build_caption_pool(records: Iterable[VideoRecord], max_per_source: int = 5000, seed: int = 0) -> dict[str, tuple[str, ...]]:
+def build_caption_pool(
+    records: Iterable[VideoRecord], max_per_source: int = 5000, seed: int = 0
+) -> dict[str, tuple[str, ...]]:
     """Captions per source, for ``textual_replace``.
 
     A caption is an entry of ``record.captions`` or the caption core of an answer event.

@@ -58,6 +58,14 @@ timings vary by +-25 %), 1 fps sampling of the long-GOP benchmark clip from
 * ``decode_video(backend="decord")``: 2.5 s.
 * On the same clip written with x264's adaptive B-frames (only 197 B-frames), the
   PyAV path decoded 3 132 frames (26.1 per sampled frame) and was no faster than decord.
+
+``python -m jobs.bench decode`` repeats this comparison (medians, CPU time next to wall
+time, frames checked identical; figures in ``BENCHMARKS.md``), using
+:func:`decode_video_counted` for the decoded-frame count. The decoder work left is the
+reference chain itself: with x264's B-pyramid and ``ref=3``, P-frames reference the
+B-reference frames (skipping all B-frames changed 98 of the first 400 frames), so
+``NONREF`` is the deepest safe skip, and the saved non-reference frames are the cheap
+ones: CPU time falls less than the decoded-frame count.
 """
 
 from __future__ import annotations
@@ -515,6 +523,37 @@ def decode_video(
         VideoDecodeError: With ``reason`` in :data:`REASONS`.
         ValueError: For invalid arguments.
     """
+    video, _ = decode_video_counted(
+        source,
+        fps,
+        max_frames=max_frames,
+        max_duration_s=max_duration_s,
+        max_side=max_side,
+        backend=backend,
+    )
+    return video
+
+
+def decode_video_counted(
+    source: str,
+    fps: float = 1.0,
+    *,
+    max_frames: int | None = None,
+    max_duration_s: float | None = None,
+    max_side: int | None = None,
+    backend: str = "auto",
+) -> tuple[DecodedVideo, int | None]:
+    """:func:`decode_video`, plus how many frames the decoder reconstructed.
+
+    The count is the decoding cost that benchmarks report (frames skipped inside the
+    decoder or never sent to it are not counted). It is ``None`` for the ``decord``
+    backend, which does not report it.
+
+    Args and Raises: as :func:`decode_video`.
+
+    Returns:
+        ``(video, n_decoded_frames)``.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if max_side is not None and max_side < 1:
@@ -531,10 +570,11 @@ def decode_video(
     frame_idx = sample_frame_indices(times_s, index.duration_s, fps, max_frames)
     wanted_pts = index.pts[frame_idx]
 
+    n_decoded: int | None = None
     if backend == "decord":
         by_pts = _decode_decord(src, index, frame_idx)
     else:
-        by_pts, _ = _decode_pyav(src, index, wanted_pts)
+        by_pts, n_decoded = _decode_pyav(src, index, wanted_pts)
 
     ok = np.array([int(p) in by_pts for p in wanted_pts], dtype=bool)
     if not ok.any():
@@ -545,7 +585,7 @@ def decode_video(
     frames = np.stack([by_pts[int(p)] for p in wanted_pts[ok]])
     if max_side is not None:
         frames = _downscale(frames, max_side)
-    return DecodedVideo(
+    video = DecodedVideo(
         frames=frames,
         timestamps_s=times_s[frame_idx[ok]],
         duration_s=index.duration_s,
@@ -554,3 +594,4 @@ def decode_video(
         height=int(frames.shape[1]),
         warnings=warnings,
     )
+    return video, n_decoded

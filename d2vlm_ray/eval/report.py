@@ -38,7 +38,8 @@ Other task codes are counted under ``unscored_tasks``.
 
 **E.T. Bench** (``benchmark="etbench"``): :func:`d2vlm_ray.eval.etbench.evaluate_etbench`
 with the chosen variant, under ``etbench``; the summary shows each (task, source) group,
-the ``Overall`` row and the ``Merged`` averages.
+the ``Overall`` row and the ``Merged`` averages. Records of other task codes are left out
+and counted under ``unscored_tasks``.
 
 Every benchmark also gets ``counts`` (total, ok, failed, truncated, failure reasons, per
 task) and ``curves`` (R@1 at IoU 0.05..0.95 for single-span grounding tasks, per reading).
@@ -249,17 +250,19 @@ def _score_task(task: str, records: Sequence[Mapping[str, Any]]) -> dict[str, An
 
 
 def prediction_counts(predictions: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Totals: ``total, ok, failed, truncated``, ``failure_reasons`` and ``per_task`` counts."""
+    """Totals: ``total, ok, failed, truncated, mean_output_tokens``, ``failure_reasons``, ``per_task``."""
     reasons = Counter((r.get("error") or {}).get("reason", "unknown") for r in predictions if is_failed(r))
     per_task: dict[str, list[Mapping[str, Any]]] = {}
     for r in predictions:
         per_task.setdefault(str(r.get("task", "")), []).append(r)
     failed = sum(is_failed(r) for r in predictions)
+    out_tokens = [int(r.get("n_output_tokens") or 0) for r in predictions if not is_failed(r)]
     return {
         "total": len(predictions),
         "ok": len(predictions) - failed,
         "failed": failed,
         "truncated": sum(bool(r.get("truncated")) for r in predictions),
+        "mean_output_tokens": round(float(np.mean(out_tokens)), 2) if out_tokens else 0.0,
         "failure_reasons": dict(sorted(reasons.items())),
         "per_task": {task: _task_counts(rs) for task, rs in sorted(per_task.items())},
     }
@@ -334,9 +337,12 @@ def compute_metrics(
     if benchmark == "synthetic":
         out |= synthetic_metrics(predictions)
     elif benchmark == "etbench":
-        from d2vlm_ray.eval.etbench import evaluate_etbench
+        from d2vlm_ray.eval.etbench import TASKS, evaluate_etbench
 
-        out["etbench"] = evaluate_etbench([dict(p) for p in predictions], variant=variant, with_coco=with_coco) if predictions else {}
+        records = [dict(p) for p in predictions if p.get("task") in TASKS]
+        out["etbench"] = evaluate_etbench(records, variant=variant, with_coco=with_coco) if records else {}
+        others = Counter(str(p.get("task", "")) for p in predictions if p.get("task") not in TASKS)
+        out["unscored_tasks"] = dict(sorted(others.items()))
     elif benchmark != "none":
         raise ValueError(f"benchmark must be 'synthetic', 'etbench' or 'none', got {benchmark!r}")
     out["curves"] = {"thresholds": list(CURVE_THRESHOLDS), "R@1": recall_curves(predictions)}
@@ -380,8 +386,6 @@ def _synthetic_lines(metrics: Mapping[str, Any]) -> list[str]:
         ["score (mean of task headlines, text)", "headlines"],
         [[merged.get("score"), "; ".join(f"{t}: {h}" for t, h in merged.get("headline", {}).items())]],
     )
-    if metrics.get("unscored_tasks"):
-        lines += ["", f"Unscored tasks: {metrics['unscored_tasks']}"]
     return lines
 
 
@@ -423,7 +427,8 @@ def summary_markdown(metrics: Mapping[str, Any]) -> str:
         lines += [
             f"- checkpoint: `{run.get('checkpoint_dir', '?')}`",
             f"- annotations: `{run.get('annotations', '?')}` ({run.get('format', '?')})",
-            f"- decoding: preset `{decoding.get('preset', '?')}`, max_new_tokens {decoding.get('max_new_tokens', '?')}, "
+            f"- decoding: preset `{decoding.get('preset', '?')}`, "
+            f"max_new_tokens {decoding.get('max_new_tokens', '?')}, "
             f"seed {run.get('seed', '?')}, inject_evidence {run.get('inject_evidence', '?')}, "
             f"blank_frames {run.get('blank_frames', '?')}",
             f"- this run predicted {run.get('n_predicted', '?')} samples, resumed {run.get('n_resumed', '?')}",
@@ -439,14 +444,16 @@ def summary_markdown(metrics: Mapping[str, Any]) -> str:
     lines.append("")
     if metrics.get("benchmark") == "synthetic":
         lines += _synthetic_lines(metrics)
+        lines += [
+            "",
+            "Readings: *text* = spans parsed from the answer after `</evi>` (headline); "
+            "*structured* = `pred_spans_s`; *evidence* = `grounding_spans_s`. Failed samples score 0.",
+        ]
     elif metrics.get("benchmark") == "etbench":
         lines += _etbench_lines(metrics.get("etbench", {}))
-    lines += [
-        "",
-        "Readings: *text* = spans parsed from the answer after `</evi>` (headline); "
-        "*structured* = `pred_spans_s`; *evidence* = `grounding_spans_s`. Failed samples score 0.",
-        "",
-    ]
+    if metrics.get("unscored_tasks"):
+        lines += ["", "Unscored tasks (samples): " + ", ".join(f"{t} {n}" for t, n in metrics["unscored_tasks"].items())]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -479,7 +486,10 @@ def timeline_items(predictions: Sequence[Mapping[str, Any]], n_samples: int) -> 
         if is_failed(r):
             note = f"FAILED: {(r.get('error') or {}).get('reason', '?')}"
         else:
-            note = f"IoU {temporal_iou(pred[0], gts[0]):.2f}" if len(gts) == 1 and pred else f"{len(pred)} spans"
+            if len(gts) == 1:
+                note = f"IoU {temporal_iou(pred[0], gts[0]):.2f}" if pred else "no predicted span"
+            else:
+                note = f"{len(pred)} predicted spans for {len(gts)}"
             if r.get("truncated"):
                 note += ", truncated"
         items.append(
@@ -525,7 +535,8 @@ def write_report(
     if plots:
         from d2vlm_ray.eval.plots import plot_recall_curves, plot_timelines
 
-        written.append(plot_timelines(timeline_items(predictions, timeline_samples), out_dir / "plots" / "timelines.png"))
+        items = timeline_items(predictions, timeline_samples)
+        written.append(plot_timelines(items, out_dir / "plots" / "timelines.png"))
         curves = metrics.get("curves") or {"thresholds": list(CURVE_THRESHOLDS), "R@1": recall_curves(predictions)}
         written.append(plot_recall_curves(curves["thresholds"], curves["R@1"], out_dir / "plots" / "recall_iou.png"))
     return {"metrics": metrics_path, "summary": summary_path, "plots": written}

@@ -38,7 +38,8 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits: ``[B, S, V]``; position t predicts the label at t + 1.
         labels: ``[B, S]`` with -100 where no loss is taken.
     """
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    # At least float32 (bf16 logits lose too much in the log-softmax), float64 kept as is.
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32))
     shift_labels = labels[:, 1:].reshape(-1)
     if bool((shift_labels != IGNORE_INDEX).any()):
         return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)

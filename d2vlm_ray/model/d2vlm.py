@@ -217,6 +217,22 @@ class D2VLM(nn.Module):
         new_state = LLMState(out.past_key_values, key_valid, next_pos, state.frame_start, state.frame_count)
         return out.logits, out.hidden_states, new_state
 
+    def check_context(self, batch: D2VLMBatch, extra_tokens: int = 0) -> None:
+        """Raise ``ValueError`` naming the sample if a sequence would exceed the LLM's context.
+
+        Args:
+            batch: The batch (prefix, frames and suffix per sample).
+            extra_tokens: Tokens still to be generated (``max_new_tokens``).
+        """
+        limit = self.causal_lm.config.max_position_embeddings
+        for i, (prefix, patches, suffix) in enumerate(zip(batch.prefix_ids, batch.patches, batch.suffix_ids)):
+            total = len(prefix) + patches.shape[0] + len(suffix) + extra_tokens
+            if total > limit:
+                raise ValueError(
+                    f"questions[{i}]: {total} tokens ({patches.shape[0]} frames, {len(prefix) + len(suffix)} text, "
+                    f"{extra_tokens} to generate) exceed the model's context of {limit}"
+                )
+
     def prefill_prefix(self, batch: D2VLMBatch, frame_tokens: list[torch.Tensor]) -> PrefixResult:
         """Run the system turn, user header and frames, left-padded to a common length."""
         device, dtype = self.device, self.dtype
@@ -310,6 +326,7 @@ class D2VLM(nn.Module):
         """
         if any(not labels for labels in batch.labels):
             raise ValueError("responses: the training forward needs a response for every sample")
+        self.check_context(batch)
         frame_tokens = self.compress(batch)
         prefix = self.prefill_prefix(batch, frame_tokens)
         embeds, valid = self.embed_suffix(

@@ -108,6 +108,7 @@ def prefill(
         forced_ids: Response ids to feed before decoding (e.g. a grounding part).
         forced_spans_idx: One span per ``<evi>`` in ``forced_ids``.
     """
+    model.check_context(batch, extra_tokens=settings.max_new_tokens + sum(len(f) for f in forced_ids or [[]]))
     if frame_tokens is None:
         frame_tokens = model.compress(batch)
     frame_tokens = [ft.to(model.device, model.dtype) for ft in frame_tokens]

@@ -232,6 +232,13 @@ def pair_forward(model: D2VLM, batch: PairBatch, *, alpha: float = 2.0) -> PairO
         ev_spans.append(spans_r)
         ground_logp.append(grounding_loglik(logits_r, spans_r, alpha))
     ground = torch.stack(ground_logp)  # [2B]
+    # A pair where one branch has no evidence tokens (e.g. the official text-only 'qwen'
+    # pairs) is compared on text alone, as the official code does: otherwise the branch
+    # with spans would carry a negative grounding term the other lacks.
+    text_only = torch.tensor(
+        [not (evi_idx[2 * b] and evi_idx[2 * b + 1]) for b in range(len(evi_idx) // 2)], device=device
+    )
+    ground = ground.masked_fill(text_only.repeat_interleave(2), 0.0)
     return PairOutput(
         chosen_text_logp=text_logp[0::2],
         chosen_grounding_logp=ground[0::2],

@@ -12,6 +12,11 @@ Stages (one row per video):
    file, then sidecar). Writing in the actor keeps the features (the largest objects of
    the pipeline, ~250 MB for a 350 s video at phi3-mini size) out of the object store.
 
+Decoding stays a stage of CPU tasks (``decode_memory_bytes`` makes its resource request
+differ from the actors', so Ray Data does not fuse it into them); with ``num_gpus > 0``
+the stages differ anyway. Frames then travel through the object store once, which lets
+decoding of the next videos overlap encoding.
+
 A video that fails any stage becomes a row of ``failures.parquet`` / ``failures.json`` in
 the run directory with its reason (:attr:`VideoDecodeError.reason`, or ``not_found``);
 the run still finishes and writes ``summary.json``.
@@ -93,6 +98,10 @@ class BuildCacheConfig:
         lookup_batch_size: Videos per look-up task.
         decode_tasks: Concurrent decode tasks.
         decode_num_cpus: CPUs reserved per decode task.
+        decode_memory_bytes: Memory reserved per decode task (decoded frames of a long
+            video are large: 350 s of 720p RGB is ~1 GB). A non-zero value also keeps
+            decoding a separate CPU-task stage: Ray Data fuses map stages with identical
+            resource requests, which would move decoding into the encoder actors.
         encode_actors: Encoder actors in the pool.
         encode_num_cpus: CPUs reserved per encoder actor.
         num_gpus: GPUs per encoder actor (0 = encode on CPU).
@@ -111,6 +120,7 @@ class BuildCacheConfig:
     lookup_batch_size: int = 16
     decode_tasks: int = 2
     decode_num_cpus: float = 1.0
+    decode_memory_bytes: int = 512 << 20
     encode_actors: int = 1
     encode_num_cpus: float = 1.0
     num_gpus: float = 0.0
@@ -124,7 +134,7 @@ class BuildCacheConfig:
             raise ValueError(f"manifest_format: expected one of {list(MANIFEST_FORMATS)}, got {self.manifest_format!r}")
         if not (self.fps > 0 and math.isfinite(self.fps)):
             raise ValueError(f"fps: must be a positive number, got {self.fps}")
-        for name in ("max_frames", "num_cpus", "seed"):
+        for name in ("max_frames", "num_cpus", "seed", "decode_memory_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("lookup_batch_size", "decode_tasks", "encode_actors"):
@@ -145,6 +155,10 @@ def _join(root: str, path: str) -> str:
     if "://" in path or os.path.isabs(path) or not root:
         return path
     return f"{root.rstrip('/')}/{path}" if "://" in root else os.path.join(root, path)
+
+
+def _dedupe(sources: list[str], malformed: int) -> tuple[list[str], int]:
+    return list(dict.fromkeys(sources)), malformed
 
 
 def _evi_videos(manifest: Path, root: str) -> tuple[list[str], int]:
@@ -175,30 +189,27 @@ def read_manifest(path: str, fmt: str = "auto", video_root: str = "") -> tuple[l
     root = video_root or str(manifest.parent)
     if fmt not in MANIFEST_FORMATS:
         raise ValueError(f"manifest_format: expected one of {list(MANIFEST_FORMATS)}, got {fmt!r}")
-    malformed = 0
     suffix = manifest.suffix.lower()
     if fmt == "evi":
-        paths, malformed = _evi_videos(manifest, root)
-    elif suffix != ".json":
+        return _dedupe(*_evi_videos(manifest, root))
+    if suffix != ".json":
         if fmt == "auto" and suffix not in (".txt", ".lst", ".list"):
             raise ValueError(f"manifest {path!r}: unknown extension {suffix!r}; set manifest_format to list or evi")
         lines = manifest.read_text(encoding="utf-8").splitlines()
         paths = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
-    else:
-        try:
-            data = json.loads(manifest.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise ValueError(f"manifest {path!r}: invalid JSON ({exc})") from None
-        if not isinstance(data, list):
-            raise ValueError(f"manifest {path!r}: expected a JSON list, got {type(data).__name__}")
-        if all(isinstance(item, str) for item in data):
-            paths = list(data)
-        elif fmt == "list":
-            raise ValueError(f"manifest {path!r}: a list manifest must hold only path strings")
-        else:
-            paths, malformed = _evi_videos(manifest, root)
-    sources = list(dict.fromkeys(_join(root, p) for p in paths))
-    return sources, malformed
+        return _dedupe([_join(root, p) for p in paths], 0)
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"manifest {path!r}: invalid JSON ({exc})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"manifest {path!r}: expected a JSON list, got {type(data).__name__}")
+    if all(isinstance(item, str) for item in data):
+        return _dedupe([_join(root, p) for p in data], 0)
+    if fmt == "list":
+        raise ValueError(f"manifest {path!r}: a list manifest must hold only path strings")
+    # evi.json joins relative video paths to the root itself.
+    return _dedupe(*_evi_videos(manifest, root))
 
 
 # --- per-row bodies (Ray-free) ---------------------------------------------------------
@@ -335,6 +346,11 @@ def _plain(row: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
 
 
+def _absolute(path: str) -> str:
+    """Absolute form of a local path; URLs unchanged."""
+    return path if "://" in path else os.path.abspath(path)
+
+
 def _cache_kwargs(settings: CacheSettings) -> dict[str, Any]:
     return {
         "root": settings.root,
@@ -445,7 +461,8 @@ def project_cache_bytes(cfg: BuildCacheConfig, *, workers: int = 4) -> dict[str,
     with ThreadPoolExecutor(max_workers=workers) as pool:
         counted = list(pool.map(frames_or_reason, sources))
     frames = sum(c for c in counted if isinstance(c, int))
-    projected = sum(entry_nbytes(c, num_patches, patch_dim, cfg.cache.storage_dtype) for c in counted if isinstance(c, int))
+    dtype = cfg.cache.storage_dtype
+    projected = sum(entry_nbytes(c, num_patches, patch_dim, dtype) for c in counted if isinstance(c, int))
     quota = cfg.cache.quota_bytes or None
     return {
         "videos": len(sources),
@@ -499,11 +516,13 @@ def build_cache(cfg: BuildCacheConfig) -> dict[str, Any]:
         raise SharedRootError(f"cache.root={cfg.cache.root!r}: memory:// is private to one process; Ray workers "
                               "would each write their own. Use a path or an object store URL")
     sources, malformed = read_manifest(cfg.manifest, cfg.manifest_format, cfg.video_root)
-    ckpt = resolve_checkpoint(cfg)
+    # Ray workers do not share the driver's working directory: hand them absolute paths.
+    sources = [_absolute(s) for s in sources]
+    ckpt = resolve_checkpoint(cfg).resolve()
     encoder = load_frame_encoder(ckpt)
     ids = {"transform_id": encoder.transform_id, "encoder_id": encoder.encoder_id}
     del encoder
-    cache_kwargs = _cache_kwargs(cfg.cache)
+    cache_kwargs = {**_cache_kwargs(cfg.cache), "root": _absolute(cfg.cache.root)}
     logger.info("build_cache: %d videos from %s; cache %s; encoder %s", len(sources), cfg.manifest,
                 cfg.cache.root, ids["encoder_id"])
     stage_s: dict[str, float] = {}
@@ -534,6 +553,7 @@ def build_cache(cfg: BuildCacheConfig) -> dict[str, Any]:
             batch_size=1,
             compute=TaskPoolStrategy(size=cfg.decode_tasks),
             num_cpus=cfg.decode_num_cpus,
+            memory=cfg.decode_memory_bytes or None,
             fn_kwargs={"fps": cfg.fps, "max_frames": cfg.max_frames},
         )
         encoded = decoded.map_batches(
@@ -542,7 +562,7 @@ def build_cache(cfg: BuildCacheConfig) -> dict[str, Any]:
             compute=ActorPoolStrategy(size=cfg.encode_actors),
             num_cpus=cfg.encode_num_cpus,
             num_gpus=cfg.num_gpus or None,
-            fn_constructor_kwargs={"checkpoint": str(ckpt.resolve()), "cache_kwargs": cache_kwargs, "fps": cfg.fps,
+            fn_constructor_kwargs={"checkpoint": str(ckpt), "cache_kwargs": cache_kwargs, "fps": cfg.fps,
                                    "max_frames": cfg.max_frames, "use_gpu": cfg.num_gpus > 0},
         )
         results = [_plain(r) for r in encoded.take_all()]

@@ -77,7 +77,7 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -169,8 +169,9 @@ class ComputeConfig:
         num_actors: Actors, each holding one model copy.
         batch_size: Samples per ``map_batches`` call (and per generation batch).
         cpus_per_actor: CPUs reserved per actor.
-        gpus_per_actor: GPUs reserved per actor when running on GPU.
-        device: ``auto`` = GPU when the cluster has one, else CPU.
+        gpus_per_actor: GPUs reserved per actor when running on GPU (> 0; fractions share a GPU).
+        device: ``auto`` = GPU when the cluster has one, else CPU; ``cuda`` on a cluster
+            without GPUs is refused (an actor nothing can host would wait forever).
         dtype: Model weights' dtype on the actor.
     """
 
@@ -297,6 +298,18 @@ def as_config(cfg: EvaluateConfig | Mapping[str, Any]) -> EvaluateConfig:
     if not isinstance(cfg, Mapping):
         raise ConfigError(f"evaluate: expected an EvaluateConfig or a mapping, got {type(cfg).__name__}")
     return from_dict(EvaluateConfig, cfg)
+
+
+def check_inputs(cfg: EvaluateConfig) -> None:
+    """Fail fast, before Ray starts, on a missing annotation file or checkpoint.
+
+    Raises:
+        ValueError: Naming the field whose path does not exist.
+    """
+    if not Path(cfg.annotations).is_file():
+        raise ValueError(f"annotations: file {cfg.annotations!r} does not exist")
+    if not (Path(cfg.checkpoint_dir) / "config.json").is_file():
+        raise ValueError(f"checkpoint_dir: {cfg.checkpoint_dir!r} is not a checkpoint directory (no config.json)")
 
 
 def sample_seed(base_seed: int, sample_id: str) -> int:
@@ -570,6 +583,26 @@ def _split_spans(token_ids: Sequence[int], spans_s: Sequence[Sequence[float]], e
     return as_lists[:n_before], as_lists[n_before:]
 
 
+class VideoFeatures(NamedTuple):
+    """Frame features of one sample as the UDF uses them.
+
+    Attributes:
+        patches: Frame-encoder patch features ``[F, P, C]`` float32.
+        timestamps_s: Frame times ``[F]``.
+        duration_s: Video duration.
+        cache_hit: Whether the feature cache served them.
+    """
+
+    patches: Any
+    timestamps_s: np.ndarray
+    duration_s: float
+    cache_hit: bool
+
+
+# (position in the batch, record, features, input token count) of a sample ready to generate.
+_Ready = tuple[int, dict[str, Any], VideoFeatures, int]
+
+
 class PredictBatch:
     """Ray Data UDF: a batch of samples in, one prediction JSON per sample out.
 
@@ -592,7 +625,9 @@ class PredictBatch:
         if device == "cuda" and not torch.cuda.is_available():
             device = "cpu"
         dtype = getattr(torch, self.cfg.compute.dtype)
-        self.model, self.tokenizers, self.model_cfg = from_pretrained(self.cfg.checkpoint_dir, dtype=dtype, device=device)
+        self.model, self.tokenizers, self.model_cfg = from_pretrained(
+            self.cfg.checkpoint_dir, dtype=dtype, device=device
+        )
         self.encoder = VisionFrameEncoder(self.model.vision, self.model_cfg.vision.image_size)
         self.ids = TokenIds.from_tokenizer(self.tokenizers.llm)
         self.cache = None
@@ -607,7 +642,7 @@ class PredictBatch:
 
     # features ---------------------------------------------------------------------------
 
-    def _blank_features(self, record: Mapping[str, Any]):
+    def _blank_features(self, record: Mapping[str, Any]) -> VideoFeatures:
         import torch
 
         times_s = blank_timestamps_s(float(record["duration_s"]), self.cfg.fps, self.cfg.max_frames)
@@ -615,9 +650,9 @@ class PredictBatch:
             side = self.encoder.image_size
             self._blank_frame = self.encoder.encode(np.zeros((1, side, side, 3), dtype=np.uint8))  # [1, P, C]
         patches = self._blank_frame.expand(len(times_s), -1, -1).contiguous()  # [F, P, C]
-        return patches.to(torch.float32), times_s, float(record["duration_s"]), False
+        return VideoFeatures(patches.to(torch.float32), times_s, float(record["duration_s"]), False)
 
-    def _video_features(self, record: Mapping[str, Any]):
+    def _video_features(self, record: Mapping[str, Any]) -> VideoFeatures:
         from d2vlm_ray.cache import features_for_video
         from d2vlm_ray.data.video import VideoDecodeError
 
@@ -635,10 +670,12 @@ class PredictBatch:
             raise SampleFailure("video:not_found", str(exc)) from None
         except OSError as exc:
             raise SampleFailure("video:io_error", f"{type(exc).__name__}: {exc}") from None
-        return feats.patches, np.asarray(feats.timestamps_s, dtype=np.float64), float(feats.duration_s), bool(hit)
+        return VideoFeatures(
+            feats.patches, np.asarray(feats.timestamps_s, dtype=np.float64), float(feats.duration_s), bool(hit)
+        )
 
-    def features(self, record: Mapping[str, Any]):
-        """``(patches [F, P, C], timestamps_s [F], duration_s, cache_hit)`` for one record.
+    def features(self, record: Mapping[str, Any]) -> VideoFeatures:
+        """Patch features ``[F, P, C]``, frame times, duration and cache hit of one record.
 
         Raises:
             SampleFailure: If the video cannot be decoded or is too long.
@@ -652,7 +689,7 @@ class PredictBatch:
 
     # generation -------------------------------------------------------------------------
 
-    def _prepare(self, record: Mapping[str, Any], feats) -> int:
+    def _prepare(self, record: Mapping[str, Any], feats: VideoFeatures) -> int:
         """Check one sample's input length; return its input token count."""
         from d2vlm_ray.model.tokenizer import tokenize_prompt
 
@@ -660,15 +697,17 @@ class PredictBatch:
             prompt = tokenize_prompt(self.tokenizers.llm, record["query"])
         except ValueError as exc:
             raise SampleFailure("bad_input", str(exc)) from None
-        n_input = len(prompt.prefix_ids) + int(feats[0].shape[0]) + len(prompt.suffix_ids)
+        n_frames = int(feats.patches.shape[0])
+        n_input = len(prompt.prefix_ids) + n_frames + len(prompt.suffix_ids)
         if n_input > self.max_input_tokens:
             raise SampleFailure(
                 "too_long",
-                f"{n_input} input tokens ({feats[0].shape[0]} frames + text) exceed max_input_tokens={self.max_input_tokens}",
+                f"{n_input} input tokens ({n_frames} frames + text) exceed "
+                f"max_input_tokens={self.max_input_tokens}",
             )
         return n_input
 
-    def _generate(self, group: list[tuple[int, dict[str, Any], Any, int]], settings: DecodeSettings):
+    def _generate(self, group: list[_Ready], settings: DecodeSettings) -> list[Any]:
         from d2vlm_ray.model.generation import generate
         from d2vlm_ray.model.inputs import build_batch
 
@@ -676,15 +715,17 @@ class PredictBatch:
             self.tokenizers.llm,
             self.tokenizers.qformer,
             [rec["query"] for _, rec, _, _ in group],
-            [f[0] for _, _, f, _ in group],
-            [f[1] for _, _, f, _ in group],
-            [f[2] for _, _, f, _ in group],
+            [f.patches for _, _, f, _ in group],
+            [f.timestamps_s for _, _, f, _ in group],
+            [f.duration_s for _, _, f, _ in group],
             src_spans_s=[[tuple(s) for s in rec["src_spans_s"]] for _, rec, _, _ in group],
             max_text_tokens=self.model_cfg.qformer.max_text_tokens,
         )
         return generate(self.model, self.tokenizers.llm, batch, settings)
 
-    def _prediction(self, base, result, feats, n_input: int, settings: DecodeSettings) -> dict[str, Any]:
+    def _prediction(
+        self, base: Mapping[str, Any], result: Any, feats: VideoFeatures, n_input: int, settings: DecodeSettings
+    ) -> dict[str, Any]:
         grounding, answer = _split_spans(result.token_ids, result.spans_s, self.ids.evi, self.ids.evi_end)
         out = dict(base) | {
             "a": result.text,
@@ -692,9 +733,9 @@ class PredictBatch:
             "grounding_spans_s": grounding,
             "n_input_tokens": n_input,
             "n_output_tokens": len(result.token_ids),
-            "n_frames": int(feats[0].shape[0]),
+            "n_frames": int(feats.patches.shape[0]),
             "truncated": bool(result.truncated),
-            "cache_hit": bool(feats[3]),
+            "cache_hit": feats.cache_hit,
             "status": "ok",
             "error": None,
         }
@@ -705,8 +746,8 @@ class PredictBatch:
     def predict(self, samples: Sequence[tuple[str, dict[str, Any], dict[str, Any]]]) -> list[dict[str, Any]]:
         """Predict ``(sample_id, record, base)`` triples; one prediction record each, in order."""
         outputs: list[dict[str, Any] | None] = [None] * len(samples)
-        video_memo: dict[str, Any] = {}
-        ready: list[tuple[int, dict[str, Any], Any, int]] = []
+        video_memo: dict[str, VideoFeatures | SampleFailure] = {}
+        ready: list[_Ready] = []
         for i, (_, record, base) in enumerate(samples):
             try:
                 key = record["video"]
@@ -722,7 +763,7 @@ class PredictBatch:
             except SampleFailure as exc:
                 outputs[i] = failed_prediction(base, exc.reason, exc.message)
         # Group by decode settings: sampled decoding runs one sample at a time (its own seed).
-        groups: dict[tuple[Any, ...], tuple[DecodeSettings, list[tuple[int, dict[str, Any], Any, int]]]] = {}
+        groups: dict[tuple[Any, ...], tuple[DecodeSettings, list[_Ready]]] = {}
         for item in ready:
             settings = self.cfg.decoding.settings_for(item[1].get("task", ""), samples[item[0]][0])
             key = (*astuple(settings), item[0] if settings.do_sample else -1)
@@ -751,7 +792,7 @@ class PredictBatch:
         return [o for o in outputs if o is not None]
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, list[str]]:
-        """Ray Data entry: columns ``sample_id``, ``record_json``, ``base_json`` -> ``sample_id``, ``prediction_json``."""
+        """Ray Data entry: ``sample_id, record_json, base_json`` in, ``sample_id, prediction_json`` out."""
         samples = [
             (str(sid), json.loads(rec), json.loads(base))
             for sid, rec, base in zip(batch["sample_id"], batch["record_json"], batch["base_json"])
@@ -767,13 +808,28 @@ class PredictBatch:
 
 
 def _use_gpu(cfg: EvaluateConfig) -> bool:
+    """Whether actors run on GPUs; refuses requests the current cluster can never schedule.
+
+    An actor whose resources no node has would wait forever, so this raises instead. The
+    check reads the resources of the nodes up now (start GPU nodes of an autoscaling
+    cluster first, or use ``device: auto``).
+
+    Raises:
+        ValueError: If ``device`` is ``cuda`` without GPUs, or one actor's CPUs exceed the cluster's.
+    """
     import ray
 
+    resources = ray.cluster_resources()
+    n_gpus = resources.get("GPU", 0)
+    if cfg.compute.device == "cuda" and n_gpus < cfg.compute.gpus_per_actor:
+        raise ValueError(f"compute.device=cuda but the Ray cluster has {n_gpus} GPUs")
+    if resources.get("CPU", 0) < cfg.compute.cpus_per_actor:
+        raise ValueError(
+            f"compute.cpus_per_actor={cfg.compute.cpus_per_actor} exceeds the cluster's {resources.get('CPU', 0)} CPUs"
+        )
     if cfg.compute.device == "cpu":
         return False
-    if cfg.compute.device == "cuda":
-        return True
-    return ray.cluster_resources().get("GPU", 0) > 0
+    return n_gpus >= cfg.compute.gpus_per_actor > 0
 
 
 def run_inference(cfg: EvaluateConfig, samples: Sequence[Sample], store: ShardStore) -> int:
@@ -849,6 +905,7 @@ def evaluate(cfg: EvaluateConfig | Mapping[str, Any]) -> dict[str, Any]:
     from d2vlm_ray.eval.report import compute_metrics, write_report
 
     cfg = as_config(cfg)
+    check_inputs(cfg)
     start = time.perf_counter()
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -899,9 +956,11 @@ def evaluate(cfg: EvaluateConfig | Mapping[str, Any]) -> dict[str, Any]:
     )
     counts = metrics.get("counts", {})
     total_s = time.perf_counter() - start
-    (out_dir / "run.json").write_text(
-        json.dumps(run_info | {"total_s": round(total_s, 3)}, indent=1, sort_keys=True) + "\n", encoding="utf-8"
-    )
+    run_record = run_info | {"total_s": round(total_s, 3), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    (out_dir / "run.json").write_text(json.dumps(run_record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    # run.json describes the latest run; the history keeps every resume's counts and timings.
+    with (out_dir / "run_history.jsonl").open("a", encoding="utf-8") as history:
+        history.write(json.dumps(run_record, sort_keys=True) + "\n")
     logger.info(
         "evaluate: %d predictions (%d new, %d failed, %d truncated) in %.1f s -> %s",
         len(predictions), n_predicted, counts.get("failed", 0), counts.get("truncated", 0), total_s, out_dir,
@@ -935,6 +994,7 @@ __all__ = [
     "ShardStore",
     "as_config",
     "blank_timestamps_s",
+    "check_inputs",
     "detect_format",
     "evaluate",
     "failed_prediction",

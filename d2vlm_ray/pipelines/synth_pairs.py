@@ -168,7 +168,7 @@ def synthesize_pairs(cfg: SynthPairsConfig | dict[str, Any]) -> dict[str, Any]:
     Returns:
         A report: ``path`` (train pairs), ``val_path``, ``n_samples``, ``n_pairs``,
         ``n_train_pairs``, ``n_val_pairs``, ``families`` (``{family: {applied, skipped}}``),
-        ``sample_errors``, ``annotation_counters`` and ``seconds``. It is also written to
+        ``sample_errors``, ``annotation_counters``, ``seconds`` and the resolved ``config``. It is also written to
         ``out_dir/report.json``.
     """
     if isinstance(cfg, dict):
@@ -234,6 +234,7 @@ def synthesize_pairs(cfg: SynthPairsConfig | dict[str, Any]) -> dict[str, Any]:
         "sample_errors": dict(sorted(errors.items())),
         "annotation_counters": annotation_counters,
         "seconds": round(time.perf_counter() - start, 3),
+        "config": to_dict(cfg),
     }
     fs, fs_path = fsspec.core.url_to_fs(f"{root}/report.json")
     with fs.open(fs_path, "w") as handle:

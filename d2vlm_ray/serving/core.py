@@ -19,6 +19,7 @@ a ``DecodeState`` value), so one service may run several batches from several th
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 import threading
@@ -37,12 +38,12 @@ from d2vlm_ray.cache.features import encode_decoded
 from d2vlm_ray.config.schema import DecodeSettings, ModelConfig
 from d2vlm_ray.data.video import VideoDecodeError, decode_video
 from d2vlm_ray.model.builders import Tokenizers
-from d2vlm_ray.model.checkpoint import from_pretrained, load_frame_encoder
+from d2vlm_ray.model.checkpoint import CONFIG_NAME, FORMAT, from_pretrained, load_frame_encoder
 from d2vlm_ray.model.d2vlm import D2VLM
 from d2vlm_ray.model.generation import GenerationResult, answer, decode, ground, prefill
 from d2vlm_ray.model.grounding import span_idx_to_s
 from d2vlm_ray.model.inputs import build_batch
-from d2vlm_ray.model.tokenizer import EVI_END_TOKEN, TokenIds, detokenize, format_span
+from d2vlm_ray.model.tokenizer import EVI_END_TOKEN, TokenIds, detokenize, format_span, load_llm_tokenizer
 from d2vlm_ray.serving.errors import BadVideo, FeaturesUnavailable, InvalidRequest, ServiceError, TooLarge
 from d2vlm_ray.types import FeatureKey, FrameEncoder, GroundingResult, SpanS
 
@@ -127,8 +128,9 @@ class FeatureRef:
 def _decode_error(exc: VideoDecodeError) -> ServiceError:
     if exc.reason == "too_long":
         return TooLarge(f"video: {exc.message}", reason="too_long")
-    # The message, not str(exc): the latter names the source, which for uploads is a temp file.
-    return BadVideo(f"video: cannot decode ({exc.reason}): {exc.message}", reason=exc.reason)
+    # Server-side paths (for uploads, a temp file) stay out of responses.
+    message = exc.message.replace(exc.source, "<video>") if exc.source else exc.message
+    return BadVideo(f"video: cannot decode ({exc.reason}): {message}", reason=exc.reason)
 
 
 class FeatureService:
@@ -307,6 +309,18 @@ def load_model(
     return model, tokenizers, cfg
 
 
+def load_llm_tokenizer_for(ckpt_dir: str | Path) -> tuple[Any, str]:
+    """The LLM tokenizer of a checkpoint (for rendering text) and its preset name.
+
+    Cheap compared with :func:`load_model`: the Ingress renders responses with it.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    meta = json.loads((ckpt_dir / CONFIG_NAME).read_text())
+    if meta.get("format") == FORMAT:
+        return load_llm_tokenizer(ckpt_dir / "tokenizer"), str(meta.get("model", {}).get("preset", ""))
+    return load_llm_tokenizer(ckpt_dir), "phi3-mini"
+
+
 @dataclass
 class GroundingRequest:
     """One question to ground.
@@ -337,6 +351,25 @@ class _ModelService:
 
 def _settings_key(settings: DecodeSettings) -> tuple[Any, ...]:
     return astuple(settings)
+
+
+def _run_isolated(run: Any, members: list[int]) -> list[Any]:
+    """``run(members)``; if the model core rejects the group (``ValueError``), run each alone.
+
+    So one request the model refuses (e.g. too long for the context with its token
+    bound) gets a 422 in its own slot instead of failing the requests batched with it.
+    """
+    try:
+        return list(run(members))
+    except ValueError as exc:
+        if len(members) == 1:
+            return [InvalidRequest(_field_message(str(exc)))]
+    return [_run_isolated(run, [i])[0] for i in members]
+
+
+def _field_message(message: str) -> str:
+    """Model-core messages name batch slots (``questions[0]``); a request has one sample."""
+    return message.replace("questions[0]", "question").replace("[0]", "")
 
 
 class GroundingService(_ModelService):
@@ -370,7 +403,7 @@ class GroundingService(_ModelService):
             request.settings.validate()
             self._batch([request])
         except ValueError as exc:
-            raise InvalidRequest(str(exc).replace("questions[0]", "question").replace("[0]", "")) from None
+            raise InvalidRequest(_field_message(str(exc))) from None
 
     def ground_many(self, requests: Sequence[GroundingRequest]) -> list[GroundingResult | ServiceError]:
         """Ground a batch; requests with equal settings decode together.
@@ -387,12 +420,16 @@ class GroundingService(_ModelService):
                 out[i] = exc
                 continue
             groups.setdefault(_settings_key(request.settings), []).append(i)
-        for members in groups.values():
+
+        def run(members: list[int]) -> list[GroundingResult]:
             chosen = [requests[i] for i in members]
             batch = self._batch(chosen)
-            results = ground(self.model, self.tokenizers.llm, batch, [r.question for r in chosen], chosen[0].settings)
-            for i, result in zip(members, results):
-                result.src_spans_s = list(requests[i].src_spans_s)
+            return ground(self.model, self.tokenizers.llm, batch, [r.question for r in chosen], chosen[0].settings)
+
+        for members in groups.values():
+            for i, result in zip(members, _run_isolated(run, members)):
+                if isinstance(result, GroundingResult):
+                    result.src_spans_s = list(requests[i].src_spans_s)
                 out[i] = result
         return [r for r in out if r is not None]
 
@@ -439,9 +476,10 @@ class AnsweringService(_ModelService):
                 out[i] = InvalidRequest(str(exc))
                 continue
             groups.setdefault(_settings_key(s), []).append(i)
-        for members in groups.values():
+
+        def run(members: list[int]) -> list[GenerationResult]:
             chosen = [groundings[i] for i in members]
-            results = answer(
+            return answer(
                 self.model,
                 self.tokenizers.llm,
                 self.tokenizers.qformer,
@@ -449,7 +487,9 @@ class AnsweringService(_ModelService):
                 settings[members[0]],
                 src_spans_s=[list(g.src_spans_s) for g in chosen],
             )
-            for i, result in zip(members, results):
+
+        for members in groups.values():
+            for i, result in zip(members, _run_isolated(run, members)):
                 out[i] = result
         return [r for r in out if r is not None]
 
@@ -469,7 +509,10 @@ class AnsweringService(_ModelService):
         draws with seed ``settings.seed + k``, so a streamed sample is reproducible but
         differs from the non-streamed one.
         """
-        settings.validate()
+        try:
+            settings.validate()
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
         tok = self.tokenizers
         batch = build_batch(
             tok.llm,
@@ -480,14 +523,17 @@ class AnsweringService(_ModelService):
             [grounding.duration_s],
             src_spans_s=[list(grounding.src_spans_s)],
         )
-        state = prefill(
-            self.model,
-            batch,
-            settings,
-            frame_tokens=[grounding.frame_tokens],
-            forced_ids=[list(grounding.token_ids)],
-            forced_spans_idx=[list(grounding.spans_idx)],
-        )
+        try:
+            state = prefill(
+                self.model,
+                batch,
+                settings,
+                frame_tokens=[grounding.frame_tokens],
+                forced_ids=[list(grounding.token_ids)],
+                forced_spans_idx=[list(grounding.spans_idx)],
+            )
+        except ValueError as exc:
+            raise InvalidRequest(_field_message(str(exc))) from None
         state.finished = [bool(grounding.token_ids) and grounding.token_ids[-1] in self.stop_ids]
         state.probs = [list(grounding.scores)]
         for step in range(settings.max_new_tokens):

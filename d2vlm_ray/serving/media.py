@@ -71,7 +71,8 @@ class MediaPolicy:
         scheme = video.split("://", 1)[0].lower()
         if scheme not in self.allowed_schemes:
             allowed = ", ".join(self.allowed_schemes) or "none"
-            raise Forbidden(f"video: URL scheme {scheme!r} is not allowed (allowed: {allowed})", reason="scheme_not_allowed")
+            message = f"video: URL scheme {scheme!r} is not allowed (allowed: {allowed})"
+            raise Forbidden(message, reason="scheme_not_allowed")
         if scheme in _LOCAL_SCHEMES:
             path = video.split("://", 1)[1]
             if not os.path.isabs(path):

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from d2vlm_ray.config.load import from_dict
 from d2vlm_ray.config.schema import LoraSettings, ModelConfig
@@ -120,21 +119,29 @@ def save_model_dir(
 def load_trained_model(
     model_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[D2VLM, Tokenizers, ModelConfig]:
-    """Load a trained model directory of either format, LoRA merged, in eval mode.
+    """Load a trained model directory of either format, LoRA merged, frozen, in eval mode.
+
+    An adapter directory is applied on top of its base, which may itself be an adapter
+    directory (FPO adapters over an SFT adapter).
 
     Raises:
         FileNotFoundError: If the directory holds neither format.
+        ValueError: If adapter or trainable weights do not fit the base model.
     """
     from d2vlm_ray.model.checkpoint import CONFIG_NAME, from_pretrained
 
     model_dir = Path(model_dir)
     if (model_dir / CONFIG_NAME).is_file():
-        return from_pretrained(model_dir, device=device, dtype=dtype)
+        model, tokenizers, cfg = from_pretrained(model_dir, device=device, dtype=dtype)
+        model.requires_grad_(False)
+        return model, tokenizers, cfg
     meta_path = model_dir / "base.json"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{str(model_dir)!r} is neither a checkpoint (config.json) nor an adapter dir (base.json)")
+        raise FileNotFoundError(
+            f"{str(model_dir)!r} is neither a checkpoint (config.json) nor an adapter dir (base.json)"
+        )
     meta = json.loads(meta_path.read_text())
-    model, tokenizers, cfg = from_pretrained(meta["base"])
+    model, tokenizers, cfg = load_trained_model(meta["base"])
     lora = from_dict(LoraSettings, meta["lora"])
     apply_lora(model, lora)
     from peft import set_peft_model_state_dict
@@ -153,7 +160,47 @@ def load_trained_model(
         model.to(dtype=dtype)
     model.requires_grad_(False)
     model.eval()
-    return model, tokenizers, cfg
+    return model, tokenizers, replace(cfg, lora=lora)
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """The model directory behind ``path``.
+
+    ``path`` may be a model directory (either format), a checkpoint directory holding
+    ``model/``, or a run directory whose newest ``checkpoint_*`` (Ray) or
+    ``checkpoints/step_*`` (local) checkpoint is taken.
+
+    Raises:
+        FileNotFoundError: If nothing loadable is found.
+    """
+    from d2vlm_ray.model.checkpoint import CONFIG_NAME
+
+    path = Path(path)
+    if (path / CONFIG_NAME).is_file() or (path / "base.json").is_file():
+        return path
+    if (path / MODEL_DIR).is_dir():
+        return resolve_model_dir(path / MODEL_DIR)
+    found = sorted(p for p in path.glob("checkpoint_*") if p.is_dir()) or sorted(
+        p for p in (path / "checkpoints").glob("step_*") if p.is_dir()
+    )
+    if found:
+        return resolve_model_dir(found[-1])
+    raise FileNotFoundError(
+        f"{str(path)!r}: not a model directory, a checkpoint, or a run directory with checkpoints"
+    )
+
+
+def frame_encoder_dir(model_dir: str | Path) -> Path:
+    """The full checkpoint directory whose frame encoder a model directory uses (follows adapter bases)."""
+    from d2vlm_ray.model.checkpoint import CONFIG_NAME
+
+    model_dir = Path(model_dir)
+    while not (model_dir / CONFIG_NAME).is_file():
+        meta_path = model_dir / "base.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{str(model_dir)!r}: no config.json and no base.json")
+        model_dir = Path(json.loads(meta_path.read_text())["base"])
+    return model_dir
 
 
 def write_trainer_state(ckpt_dir: str | Path, state: TrainerState) -> None:
@@ -201,6 +248,3 @@ def restore_training_checkpoint(ckpt_dir: str | Path, engine: Any) -> TrainerSta
     return state
 
 
-def trainable_snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of every parameter by name (for before/after comparisons)."""
-    return {n: p.detach().clone() for n, p in module.named_parameters()}

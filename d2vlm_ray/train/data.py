@@ -59,7 +59,9 @@ class LazyFrameEncoder:
         device: Where to run the encoder on a miss.
     """
 
-    def __init__(self, ckpt_dir: str | Path, encoder_id: str, transform_id: str, image_size: int, device: str = "cpu") -> None:
+    def __init__(
+        self, ckpt_dir: str | Path, encoder_id: str, transform_id: str, image_size: int, device: str = "cpu"
+    ) -> None:
         self.ckpt_dir = str(ckpt_dir)
         self._encoder_id = encoder_id
         self._transform_id = transform_id
@@ -213,7 +215,9 @@ def pair_id(pair: PreferencePair) -> str:
     return f"{pair.sample_id}/{pair.family}/{pair.variant_idx}"
 
 
-def pairs_from_rows(rows: Sequence[Mapping[str, Any]], *, video_root: str = "", max_samples: int = 0) -> list[PreferencePair]:
+def pairs_from_rows(
+    rows: Sequence[Mapping[str, Any]], *, video_root: str = "", max_samples: int = 0
+) -> list[PreferencePair]:
     """Preference pairs from Parquet rows, sorted by :func:`pair_id` (so any read order gives one list).
 
     Raises:

@@ -142,6 +142,16 @@ def epoch_permutation(num_items: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_items)
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of optimizer step ``step`` on ``rank`` (dropout masks and any sampling).
+
+    Re-seeding every step makes a step's randomness independent of what ran before it, so
+    a run resumed from a checkpoint draws the same dropout masks as an uninterrupted one
+    without checkpointing RNG states.
+    """
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 def stream_indices(num_items: int, seed: int, start: int, count: int) -> list[int]:
     """Item indices at sample-stream positions ``[start, start + count)``.
 
@@ -399,6 +409,7 @@ class Loop(Generic[Item]):
         self.engine.module.train()
         for step_idx in range(p.start_step, p.total_steps):
             start = time.perf_counter()
+            torch.manual_seed(step_seed(p.seed, step_idx, p.rank))
             sums: dict[str, float] = {}
             ids: list[str] = []
             for a in range(p.grad_accum):

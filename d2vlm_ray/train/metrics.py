@@ -29,7 +29,8 @@ _SHOWN = ("loss", "lm", "grounding", "consistency", "preference", "margin", "lr"
 
 def format_metrics(prefix: str, step: int, metrics: Mapping[str, float]) -> str:
     """A one-line human summary, the most useful terms first."""
-    shown = [k for k in _SHOWN if k in metrics] + sorted(k for k in metrics if k.startswith(("eval", "R@", "mIoU", "pref")))
+    extra = sorted(k for k in metrics if k.startswith(("eval", "R@", "mIoU", "pref")))
+    shown = [k for k in _SHOWN if k in metrics] + extra
     parts = [f"{k}={metrics[k]:.4g}" for k in dict.fromkeys(shown)]
     return f"{prefix} step {step}: " + " ".join(parts)
 

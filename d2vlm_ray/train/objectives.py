@@ -109,15 +109,18 @@ class FPOObjective(nn.Module):
 
 
 def load_model(init_dir: str | Path, lora: LoraSettings) -> tuple[D2VLM, Tokenizers, ModelConfig]:
-    """Load a checkpoint and give it a fresh LoRA plus the trainable-parameter policy.
+    """Load a model directory (merged or adapter format) and give it a fresh LoRA.
+
+    Any LoRA already in the checkpoint is merged first, so FPO starts from the SFT weights
+    with new adapters (spec §4.2); the trainable-parameter policy is then applied.
 
     Returns:
         The model (float32, train-ready), its tokenizers, and its config with ``lora``
         set to the settings used (what a merged checkpoint records).
     """
-    from d2vlm_ray.model.checkpoint import from_pretrained
+    from d2vlm_ray.train.checkpointing import load_trained_model
 
-    model, tokenizers, model_cfg = from_pretrained(init_dir)
+    model, tokenizers, model_cfg = load_trained_model(init_dir)
     apply_lora(model, lora)
     return model, tokenizers, replace(model_cfg, lora=lora)
 
@@ -152,7 +155,9 @@ def build_optimizer(model: nn.Module, optim: OptimSettings) -> torch.optim.AdamW
     return torch.optim.AdamW(param_groups(model, optim), betas=tuple(optim.betas), eps=optim.eps)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup then cosine decay to 0 over ``total_steps`` optimizer steps (HF's ``cosine``)."""
     from transformers import get_cosine_schedule_with_warmup
 
