@@ -7,7 +7,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: quickstart demo test env
+.PHONY: quickstart smoke demo test env
 
 env: $(VENV)/.installed
 
@@ -18,7 +18,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 quickstart: env
-	$(PY) -m jobs.demo
+	$(PY) -m jobs.quickstart
+
+smoke: env
+	$(PY) -m jobs.quickstart --preset smoke
 
 demo: env
 	$(PY) -m jobs.demo

@@ -31,12 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
 from d2vlm_ray.cache import SharedRootError
 from d2vlm_ray.config import ConfigError, load_config
 from d2vlm_ray.pipelines.build_cache import BuildCacheConfig, build_cache, project_cache_bytes
+from d2vlm_ray.pipelines.runtime import ensure_ray
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -60,13 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{projection['videos']} videos, {projection['frames']} frames")
             print(json.dumps(projection))
             return 0
-        import ray
-
-        if not ray.is_initialized():
-            if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`: join the cluster as it is
-                ray.init()
-            else:
-                ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False)
+        ensure_ray(cfg.num_cpus)
         summary = build_cache(cfg)
     except (ConfigError, SharedRootError, FileNotFoundError, ValueError) as exc:
         print(f"build_cache: {exc}", file=sys.stderr)

@@ -37,6 +37,7 @@ import sys
 
 from d2vlm_ray.config import ConfigError, load_config
 from d2vlm_ray.pipelines.inference import EvaluateConfig, check_inputs, evaluate
+from d2vlm_ray.pipelines.runtime import ensure_ray
 
 __all__ = ["EvaluateConfig", "evaluate", "main"]
 
@@ -55,10 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(EvaluateConfig, args.config, args.overrides)
         check_inputs(cfg)
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False)
+        ensure_ray(cfg.num_cpus)
         result = evaluate(cfg)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)

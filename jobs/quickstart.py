@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -121,20 +121,6 @@ class Stages:
         self.seconds[name] = round(time.perf_counter() - start, 1)
         log.info("<== %s done in %.1f s", name, self.seconds[name])
         return result
-
-
-def _init_ray(num_cpus: int) -> bool:
-    """Join a cluster (``ray job submit`` sets RAY_ADDRESS) or start a local one; True if started here."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    return True
 
 
 def _train_config(cfg: QuickstartConfig, stage: str, out: Path, init_from: str, data: dict[str, Any]) -> Any:
@@ -248,12 +234,13 @@ def run(cfg: QuickstartConfig, preset: str) -> dict[str, Any]:
     """Run every stage; returns the summary that is also written to ``summary.json``."""
     import ray
 
+    from d2vlm_ray.cache import FeatureCache
     from d2vlm_ray.data.annotations import read_evi_json
     from d2vlm_ray.data.fpo_annotations import read_pairs
     from d2vlm_ray.data.synthetic import generate_benchmark, grounding_baselines
-    from d2vlm_ray.cache import FeatureCache
     from d2vlm_ray.model.checkpoint import init_checkpoint, load_frame_encoder
     from d2vlm_ray.pipelines.build_cache import BuildCacheConfig, build_cache
+    from d2vlm_ray.pipelines.runtime import ensure_ray
     from d2vlm_ray.pipelines.synth_pairs import synthesize_pairs
     from d2vlm_ray.train.data import FeatureSource
     from d2vlm_ray.train.evaluation import preference_accuracy
@@ -262,7 +249,7 @@ def run(cfg: QuickstartConfig, preset: str) -> dict[str, Any]:
     out = Path(cfg.out_dir).resolve()
     dump_config(cfg, out)
     stages = Stages()
-    started_ray = _init_ray(cfg.num_cpus)
+    started_ray = ensure_ray(cfg.num_cpus)
     try:
         synth = out / "synth"
         stages.run(
@@ -325,6 +312,9 @@ def run(cfg: QuickstartConfig, preset: str) -> dict[str, Any]:
                 )
             ),
         )
+        # A stable path for the final model, which serve/local.yaml points at.
+        final_ckpt = out / "checkpoint"
+        shutil.copytree(fpo["model_dir"], final_ckpt, dirs_exist_ok=True)
         held_out = read_pairs(pairs_summary["test"]["path"])
         source = FeatureSource(
             load_frame_encoder(init_ckpt),
@@ -386,7 +376,12 @@ def run(cfg: QuickstartConfig, preset: str) -> dict[str, Any]:
             "run_dir": str(out),
             "reports": {name: str(out / "eval" / name / "summary.md") for name in evals},
             "plots": {name: str(out / "eval" / name / "plots") for name in evals},
-            "checkpoints": {"init": str(init_ckpt), "sft": sft["model_dir"], "sft_fpo": fpo["model_dir"]},
+            "checkpoints": {
+                "init": str(init_ckpt),
+                "sft": sft["model_dir"],
+                "sft_fpo": fpo["model_dir"],
+                "final": str(out / "checkpoint"),
+            },
         },
     }
     summary["bars"] = _bars(summary)

@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
-from jobs.quickstart import SMOKE, QuickstartConfig, run
 from d2vlm_ray.config import from_dict
+from jobs.quickstart import SMOKE, QuickstartConfig, run
+
+
+def _scrape(port: int, wanted: dict[str, str], timeout_s: float = 60.0) -> set[str]:
+    """Metric names of ``wanted`` (name -> required label) seen on the Prometheus endpoint."""
+    import requests
+
+    found: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and found != set(wanted):
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        found = {n for n, label in wanted.items() if any(l.startswith(n + "{") and label in l for l in text.splitlines())}
+        time.sleep(1)
+    return found
 
 
 @pytest.mark.timeout(600)
-def test_smoke_quickstart_runs_every_stage(ray_cluster: None, tmp_path) -> None:
+def test_smoke_quickstart_runs_every_stage(ray_cluster: None, ray_metrics_port: int, tmp_path) -> None:
     cfg = from_dict(QuickstartConfig, {**SMOKE, "out_dir": str(tmp_path / "qs"), "serve_port": 18123})
     summary = run(cfg, "smoke")
     assert set(summary["models"]) == {"untrained", "sft", "sft_fpo"}
@@ -27,3 +41,13 @@ def test_smoke_quickstart_runs_every_stage(ray_cluster: None, tmp_path) -> None:
     on_disk = json.loads((tmp_path / "qs" / "summary.json").read_text())
     assert on_disk["bars"].keys() == summary["bars"].keys()
     assert (tmp_path / "qs" / "eval" / "sft_fpo" / "summary.md").is_file()
+    # The run's custom metrics reached the dashboard's Prometheus export.
+    wanted = {
+        "ray_d2vlm_frames_decoded_total": 'stage="build_cache"',
+        "ray_d2vlm_cache_lookups_total": 'stage="evaluate"',
+        "ray_d2vlm_train_loss": 'phase="sft"',
+        "ray_d2vlm_train_samples_per_s": 'phase="fpo"',
+        "ray_d2vlm_latency_ms_bucket": 'stage="serve_total"',
+        "ray_d2vlm_evidence_spans_bucket": 'stage="serve"',
+    }
+    assert _scrape(ray_metrics_port, wanted) == set(wanted)

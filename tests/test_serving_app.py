@@ -20,6 +20,7 @@ import pytest
 import requests
 import torch
 import yaml
+from test_serving_core import make_chain_checkpoint
 
 from d2vlm_ray.cache import FeatureCache, feature_key, video_sha256
 from d2vlm_ray.config import DecodeSettings, ModelConfig, from_dict
@@ -27,7 +28,6 @@ from d2vlm_ray.data.testclips import write_barcode_clip
 from d2vlm_ray.model.checkpoint import from_pretrained, init_checkpoint, load_frame_encoder
 from d2vlm_ray.model.generation import generate
 from d2vlm_ray.model.inputs import build_batch
-from test_serving_core import make_chain_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 APP = "d2vlm-test"

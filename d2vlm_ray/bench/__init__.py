@@ -24,10 +24,10 @@ from types import ModuleType
 
 REGISTRY: dict[str, str | None] = {
     "decode": "d2vlm_ray.bench.decode",
-    "pipeline": None,
-    "train": None,
-    "serve": None,
-    "gpu": None,
+    "pipeline": "d2vlm_ray.bench.pipeline",
+    "train": "d2vlm_ray.bench.train",
+    "serve": "d2vlm_ray.bench.serve",
+    "gpu": "d2vlm_ray.bench.gpu",
 }
 """Benchmark name -> module path; ``None`` for planned benchmarks not written yet."""
 

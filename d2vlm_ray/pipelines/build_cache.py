@@ -44,6 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from d2vlm_ray import telemetry
 from d2vlm_ray.cache import FeatureCache, SharedRootError, entry_nbytes, validate_shared_root, video_sha256
 from d2vlm_ray.cache.features import encode_decoded
 from d2vlm_ray.config import ModelConfig, dump_config, from_dict
@@ -362,11 +363,23 @@ def _cache_kwargs(settings: CacheSettings) -> dict[str, Any]:
 
 def _lookup_batch(batch: dict[str, np.ndarray], *, cache_kwargs: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
     cache = FeatureCache(cache_kwargs["root"], **{k: v for k, v in cache_kwargs.items() if k != "root"})
-    return _columns([lookup_video(str(s), cache, **kwargs) for s in batch["source"]])
+    rows = [lookup_video(str(s), cache, **kwargs) for s in batch["source"]]
+    for row in rows:
+        if row["status"] == "failed":
+            telemetry.decode_failure(row["reason"], "build_cache")
+        else:
+            telemetry.cache_lookup(row["status"] == "cached", 0, "build_cache")
+    return _columns(rows)
 
 
 def _decode_batch(batch: dict[str, np.ndarray], *, fps: float, max_frames: int) -> dict[str, Any]:
-    return _columns([decode_row(_plain(row), fps=fps, max_frames=max_frames) for row in _rows(batch)])
+    rows = [decode_row(_plain(row), fps=fps, max_frames=max_frames) for row in _rows(batch)]
+    for row in rows:
+        if row["status"] == "failed":
+            telemetry.decode_failure(row["reason"], "build_cache")
+        else:
+            telemetry.frames_decoded(len(row["frames"]), "build_cache")
+    return _columns(rows)
 
 
 class EncodeFrames:
@@ -398,6 +411,10 @@ class EncodeFrames:
             encode_row(_plain(row), self.encoder, self.cache, fps=self.fps, max_frames=self.max_frames)
             for row in _rows(batch)
         ]
+        for row in rows:
+            if row["status"] == "computed":
+                telemetry.latency_ms("encode", 1000.0 * float(row["encode_s"]))
+                telemetry.cache_lookup(False, int(row["bytes"]), "build_cache")
         return _columns(rows)
 
 

@@ -81,6 +81,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
+from d2vlm_ray import telemetry
 from d2vlm_ray.config import ConfigError, DecodeSettings, dump_config, from_dict, to_dict
 
 logger = logging.getLogger(__name__)
@@ -797,7 +798,18 @@ class PredictBatch:
             (str(sid), json.loads(rec), json.loads(base))
             for sid, rec, base in zip(batch["sample_id"], batch["record_json"], batch["base_json"])
         ]
+        start = time.perf_counter()
         preds = self.predict(samples)
+        per_sample_ms = 1000.0 * (time.perf_counter() - start) / max(len(preds), 1)
+        for pred in preds:
+            telemetry.latency_ms("batch_inference", per_sample_ms)
+            if pred.get("status") == "ok":
+                telemetry.cache_lookup(bool(pred.get("cache_hit")), 0, "evaluate")
+                telemetry.evidence_spans(len(pred.get("pred_spans_s") or []), "evaluate")
+            elif pred.get("error"):
+                reason = str(pred["error"].get("reason", ""))
+                if reason.startswith("video:"):
+                    telemetry.decode_failure(reason.split(":", 1)[1], "evaluate")
         return {
             "sample_id": [p["sample_id"] for p in preds],
             "prediction_json": [json.dumps(p, ensure_ascii=False, sort_keys=True) for p in preds],

@@ -40,6 +40,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.formparsers import MultiPartException
 
+from d2vlm_ray import telemetry
 from d2vlm_ray.cache import FeatureCache
 from d2vlm_ray.config.schema import DecodeSettings
 from d2vlm_ray.model.generation import GenerationResult
@@ -422,6 +423,14 @@ def _validation_response(errors: list[dict[str, Any]], prefix: tuple[str, ...] =
 
 
 @api.exception_handler(RequestValidationError)
+def _record_request(ref: FeatureRef, timings_ms: dict[str, float]) -> None:
+    """Dashboard metrics of one served request: cache result and per-stage latencies."""
+    telemetry.cache_lookup(ref.cache_hit, 0, "serve")
+    for stage in ("features", "ground", "answer", "total"):
+        if stage in timings_ms:
+            telemetry.latency_ms(f"serve_{stage}", timings_ms[stage])
+
+
 async def _on_request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
     errors = [{"loc": e.get("loc", ()), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
     return _validation_response(errors, ())
@@ -685,6 +694,7 @@ class Ingress:
             total = time.perf_counter()
             grounding, ref, timings = await self._ground(parsed, req.query, self._deadline(req))
             timings["total"] = round((time.perf_counter() - total) * 1000.0, 3)
+            _record_request(ref, timings)
             body = grounding_payload(grounding, self.tokenizer, cache_hit=ref.cache_hit, timings_ms=timings)
             return JSONResponse(GroundResponse.model_validate(body).model_dump(mode="json"))
 
@@ -715,6 +725,8 @@ class Ingress:
             result: GenerationResult = await self._await(self.answerer.answer.remote(item), deadline)
             timings["answer"] = round((time.perf_counter() - start) * 1000.0, 3)
             timings["total"] = round((time.perf_counter() - total) * 1000.0, 3)
+            _record_request(ref, timings)
+            telemetry.evidence_spans(len(result.spans_idx), "serve")
             body = answer_payload(grounding, result, self.tokenizer, cache_hit=ref.cache_hit, timings_ms=timings)
             return JSONResponse(AnswerResponse.model_validate(body).model_dump(mode="json"))
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 import posixpath
-from dataclasses import replace
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 

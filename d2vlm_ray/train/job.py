@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
 from d2vlm_ray.config import ConfigError, load_config
@@ -35,13 +34,10 @@ def run_job(stage: str, argv: list[str] | None, *, prog: str, description: str) 
     import ray
     import ray.train
 
+    from d2vlm_ray.pipelines.runtime import ensure_ray
     from d2vlm_ray.train.trainer import train_fpo, train_sft
 
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`: join the cluster as it is
-            ray.init()
-        else:
-            ray.init(num_cpus=cfg.ray_num_cpus or None, include_dashboard=False)
+    ensure_ray(cfg.ray_num_cpus)
     try:
         summary = (train_sft if stage == "sft" else train_fpo)(cfg)
     except (ConfigError, FileNotFoundError, ValueError) as exc:

@@ -35,6 +35,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from d2vlm_ray import telemetry
 from d2vlm_ray.config.load import dump_config, to_dict
 from d2vlm_ray.train.checkpointing import MODEL_DIR, restore_training_checkpoint
 from d2vlm_ray.train.config import TrainJobConfig, config_from_dict
@@ -118,7 +119,8 @@ class RayReporter:
         log_every: Log a line every N steps.
     """
 
-    def __init__(self, run_dir: str | Path, rank: int, log_every: int = 1) -> None:
+    def __init__(self, run_dir: str | Path, rank: int, log_every: int = 1, phase: str = "train") -> None:
+        self.phase = phase
         self.run_dir = Path(run_dir)
         self.rank = rank
         self.log_every = log_every
@@ -127,6 +129,7 @@ class RayReporter:
 
     def log_step(self, step: int, metrics: Mapping[str, float], sample_ids: Sequence[str]) -> None:
         append_samples(self.run_dir, self.rank, step, sample_ids)
+        telemetry.train_step(metrics.get("samples_per_s", 0.0), metrics.get("loss", 0.0), self.phase)
         if self.writer is not None:
             self.writer.write("train", step, metrics)
             if step % self.log_every == 0:
@@ -196,7 +199,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             logger.info(
                 "resumed from %s at step %d (%d samples consumed)", checkpoint.path, state.step, state.consumed_samples
             )
-    reporter = RayReporter(run_dir, rank, cfg.log_every)
+    reporter = RayReporter(run_dir, rank, cfg.log_every, phase=stage)
     loop = Loop(
         engine,
         session.items,
