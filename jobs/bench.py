@@ -2,8 +2,9 @@
 
 Each benchmark compares two or more paths in the same run and reports their ratio
 (absolute times on shared machines are noisy). Benchmarks are registered in
-:data:`d2vlm_ray.bench.REGISTRY`; ``decode`` is implemented, ``pipeline``, ``train``,
-``serve`` and ``gpu`` are planned (asking for them exits with status 2).
+:data:`d2vlm_ray.bench.REGISTRY`: ``decode``, ``pipeline``, ``train``, ``serve`` and ``gpu``
+(skipped without CUDA). An unknown name, or a registered one without a module yet, exits
+with status 2; a run whose target checks fail exits with status 1.
 
 Local::
 

@@ -35,6 +35,9 @@ def build_vision_model(cfg: VisionConfig) -> Blip2VisionModel:
         hidden_act="gelu",
         layer_norm_eps=cfg.layer_norm_eps,
         qkv_bias=True,
+        # transformers' default here is 1e-10, which leaves a freshly built encoder outputting
+        # (near) zeros; real runs load EVA weights, but random tiny encoders must see pixels.
+        initializer_range=0.02,
     )
     hf_cfg._attn_implementation = "eager"
     model = Blip2VisionModel(hf_cfg)
