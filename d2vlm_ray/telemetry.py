@@ -15,6 +15,7 @@ from typing import Any
 
 _LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
 _SPAN_BOUNDARIES = [0.5, 1.5, 2.5, 3.5, 5.5, 8.5, 16.5]
+_LOSS_BOUNDARIES = [0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32]
 _lock = threading.Lock()
 _metrics: dict[str, Any] = {}
 
@@ -86,10 +87,26 @@ def evidence_spans(count: int, stage: str) -> None:
 
 
 def train_step(samples_per_s: float, loss: float, phase: str) -> None:
-    """Set the latest training throughput and loss gauges."""
+    """Set the latest training throughput and loss gauges (live, while a worker trains).
+
+    Ray exports a gauge only until its process exits, so :func:`train_history` keeps the
+    record of a finished run.
+    """
     rate = _get("gauge", "d2vlm_train_samples_per_s", "Training samples per second", ("phase",))
     loss_gauge = _get("gauge", "d2vlm_train_loss", "Training loss (last step)", ("phase",))
     if rate is None or loss_gauge is None:
         return
     rate.set(float(samples_per_s), tags={"phase": phase})
     loss_gauge.set(float(loss), tags={"phase": phase})
+
+
+def train_history(samples: int, losses: list[float], phase: str) -> None:
+    """Record a finished run from its driver: samples trained (counter) and per-step losses."""
+    count = _get("counter", "d2vlm_train_samples", "Training samples consumed", ("phase",))
+    hist = _get("histogram", "d2vlm_train_step_loss", "Training loss per step", ("phase",), boundaries=_LOSS_BOUNDARIES)
+    if count is None or hist is None:
+        return
+    if samples > 0:
+        count.inc(samples, tags={"phase": phase})
+    for loss in losses:
+        hist.observe(float(loss), tags={"phase": phase})

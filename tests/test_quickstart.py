@@ -45,8 +45,8 @@ def test_smoke_quickstart_runs_every_stage(ray_cluster: None, ray_metrics_port: 
     wanted = {
         "ray_d2vlm_frames_decoded_total": 'stage="build_cache"',
         "ray_d2vlm_cache_lookups_total": 'stage="evaluate"',
-        "ray_d2vlm_train_loss": 'phase="sft"',
-        "ray_d2vlm_train_samples_per_s": 'phase="fpo"',
+        "ray_d2vlm_train_step_loss_bucket": 'phase="sft"',
+        "ray_d2vlm_train_samples_total": 'phase="fpo"',
         "ray_d2vlm_latency_ms_bucket": 'stage="serve_total"',
         "ray_d2vlm_evidence_spans_bucket": 'stage="serve"',
     }

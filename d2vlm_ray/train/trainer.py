@@ -283,6 +283,11 @@ def _train(cfg: TrainJobConfig, stage: str) -> dict[str, Any]:
         "fit_s": fit_s,
         "step_s": sum(step_s) / len(step_s) if step_s else 0.0,
     }
+    # Workers set live gauges while they train; Ray drops a finished worker's metrics, so the
+    # driver records the run's history for the dashboard.
+    rows = [steps[k] for k in sorted(steps)]
+    consumed = int(rows[-1].get("consumed_samples", 0)) if rows else 0
+    telemetry.train_history(consumed, [float(r["loss"]) for r in rows if "loss" in r], stage)
     logger.info("%s finished in %.1f s: %s", stage, fit_s, format_metrics(stage, summary["steps"], summary["metrics"]))
     return summary
 
