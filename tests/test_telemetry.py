@@ -11,8 +11,11 @@ from d2vlm_ray import telemetry
 
 def test_helpers_are_noops_without_ray(monkeypatch) -> None:
     monkeypatch.setattr(telemetry, "_ray_ready", lambda: False)
+    monkeypatch.setattr(telemetry, "_metrics", {})
     telemetry.frames_decoded(3, "test")
     telemetry.latency_ms("test", 12.0)
+    assert telemetry._get("counter", "d2vlm_frames_decoded", "x") is None
+    assert telemetry._metrics == {}, "no Ray metric may be created outside Ray"
 
 
 def _exported(text: str, name: str) -> bool:

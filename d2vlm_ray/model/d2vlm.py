@@ -316,14 +316,35 @@ class D2VLM(nn.Module):
 
     def evidence_scores(self, query_hidden: torch.Tensor, frame_keys: torch.Tensor) -> torch.Tensor:
         """Grounding logits ``e·f/√D`` for query hidden states ``[E, D]`` against keys ``[F, D]`` → ``[E, F]``."""
-        return (self.evi_head(query_hidden) @ frame_keys.transpose(0, 1)) * self.score_scale
+        return self._score(self.evi_head(query_hidden), frame_keys)
+
+    def _score(self, queries: torch.Tensor, frame_keys: torch.Tensor) -> torch.Tensor:
+        return (queries @ frame_keys.transpose(0, 1)) * self.score_scale  # [E, F]
+
+    def response_evidence(
+        self, suffix_ids: list[int], prompt_len: int, ground_hidden: torch.Tensor, frame_keys: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evidence queries and grounding logits of one sequence's response ``<evi>`` tokens.
+
+        The query of each ``<evi>`` is read at the position *before* it, whose next-token
+        prediction is that ``<evi>`` (spec §2.1); question-side ``<evi>`` (before
+        ``prompt_len``) are not grounded.
+
+        Args:
+            suffix_ids: The sequence's suffix ids.
+            prompt_len: How many of them belong to the prompt.
+            ground_hidden: Grounding-layer hidden states of the suffix, ``[S, D]``.
+            frame_keys: The sequence's frame keys, ``[F, D]``.
+
+        Returns:
+            Queries ``[E, D]`` and logits ``[E, F]``.
+        """
+        query_pos = [p - 1 for p, t in enumerate(suffix_ids) if t == self.evi_token_id and p >= prompt_len]
+        queries = self.evi_head(ground_hidden[torch.tensor(query_pos, dtype=torch.long, device=ground_hidden.device)])
+        return queries, self._score(queries, frame_keys)
 
     def forward(self, batch: D2VLMBatch) -> D2VLMOutput:
-        """Teacher-forced forward over prompts and responses (training and scoring).
-
-        The evidence query of each response ``<evi>`` is read at the position *before* it,
-        whose next-token prediction is that ``<evi>`` (spec §2.1).
-        """
+        """Teacher-forced forward over prompts and responses (training and scoring)."""
         if any(not labels for labels in batch.labels):
             raise ValueError("responses: the training forward needs a response for every sample")
         self.check_context(batch)
@@ -337,11 +358,10 @@ class D2VLM(nn.Module):
         ev_logits, ev_queries, ev_spans = [], [], []
         for b, row in enumerate(batch.labels):
             labels[b, : len(row)] = torch.tensor(row, dtype=torch.long, device=self.device)
-            resp_pos = [p for p, t in enumerate(batch.suffix_ids[b]) if t == self.evi_token_id and p >= batch.prompt_lens[b]]
-            query_pos = torch.tensor([p - 1 for p in resp_pos], dtype=torch.long, device=self.device)
-            query_hidden = suffix.ground_hidden[b, query_pos]  # [E, D]
-            queries = self.evi_head(query_hidden)  # [E, D]
-            ev_queries.append(queries)
-            ev_logits.append((queries @ prefix.frame_keys[b].transpose(0, 1)) * self.score_scale)  # [E, F]
+            queries, scores = self.response_evidence(
+                batch.suffix_ids[b], batch.prompt_lens[b], suffix.ground_hidden[b], prefix.frame_keys[b]
+            )
+            ev_queries.append(queries)  # [E, D]
+            ev_logits.append(scores)  # [E, F]
             ev_spans.append(torch.tensor(batch.evi_spans_idx[b], dtype=torch.long, device=self.device).reshape(-1, 2))
         return D2VLMOutput(suffix.logits, labels, ev_logits, ev_queries, ev_spans)

@@ -248,9 +248,18 @@ def generate(model: D2VLM, tokenizer, batch: D2VLMBatch, settings: DecodeSetting
 
 
 def ground(
-    model: D2VLM, tokenizer, batch: D2VLMBatch, questions: list[str], settings: DecodeSettings
+    model: D2VLM,
+    tokenizer,
+    batch: D2VLMBatch,
+    questions: list[str],
+    settings: DecodeSettings,
+    src_spans_s: list[list[SpanS]] | None = None,
 ) -> list[GroundingResult]:
-    """Generate the grounding part (``n × <evi>`` then ``</evi>``) for each sample."""
+    """Generate the grounding part (``n × <evi>`` then ``</evi>``) for each sample.
+
+    ``src_spans_s`` are the question-side spans the batch was built with; they travel in
+    each result so :func:`answer` can rebuild the same prompt.
+    """
     ids = TokenIds.from_tokenizer(tokenizer)
     stops = _stop_ids(tokenizer, ids) | {ids.evi_end}
     state = decode(model, prefill(model, batch, settings), settings, ids, stop_ids=stops)
@@ -269,6 +278,7 @@ def ground(
                 evidence_vectors=torch.stack(state.evidence[b]) if state.evidence[b] else torch.zeros(0, width),
                 timestamps_s=state.timestamps_s[b],
                 duration_s=state.durations_s[b],
+                src_spans_s=list(src_spans_s[b]) if src_spans_s is not None else [],
             )
         )
     return results
@@ -280,13 +290,13 @@ def answer(
     qformer_tokenizer,
     groundings: list[GroundingResult],
     settings: DecodeSettings,
-    src_spans_s: list[list[SpanS]] | None = None,
 ) -> list[GenerationResult]:
     """Continue from grounding results and generate the answers with interleaved evidence.
 
-    The compressed frame tokens travel in each :class:`GroundingResult`, so the compressor
-    never runs again; the LLM re-prefills prompt, frames and grounding tokens (one token
-    per frame, cheap) and decodes the rest. ``max_new_tokens`` bounds the answer part.
+    The compressed frame tokens (and the question-side spans) travel in each
+    :class:`GroundingResult`, so the compressor never runs again; the LLM re-prefills
+    prompt, frames and grounding tokens (one token per frame, cheap) and decodes the
+    rest. ``max_new_tokens`` bounds the answer part.
     """
     ids = TokenIds.from_tokenizer(tokenizer)
     stops = _stop_ids(tokenizer, ids)
@@ -298,7 +308,7 @@ def answer(
         [ft[:, None, :] for ft in frame_tokens],
         [g.timestamps_s for g in groundings],
         [g.duration_s for g in groundings],
-        src_spans_s=src_spans_s,
+        src_spans_s=[list(g.src_spans_s) for g in groundings],
     )
     forced = [list(g.token_ids) for g in groundings]
     open_ids = [i for i, g in enumerate(groundings) if not (g.token_ids and g.token_ids[-1] in stops)]

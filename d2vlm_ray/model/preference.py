@@ -221,11 +221,7 @@ def pair_forward(model: D2VLM, batch: PairBatch, *, alpha: float = 2.0) -> PairO
 
     ev_logits, ev_queries, ev_spans, ground_logp = [], [], [], []
     for r, row in enumerate(suffix_ids):
-        resp_pos = [p for p, t in enumerate(row) if t == model.evi_token_id and p >= prompt_lens[r]]
-        # The query of an <evi> is read one position earlier, where <evi> is predicted (spec §2.1).
-        query_pos = torch.tensor([p - 1 for p in resp_pos], dtype=torch.long, device=device)
-        queries = model.evi_head(suffix.ground_hidden[r, query_pos])  # [E, D]
-        logits_r = (queries @ prefix.frame_keys[r].transpose(0, 1)) * model.score_scale  # [E, F]
+        queries, logits_r = model.response_evidence(row, prompt_lens[r], suffix.ground_hidden[r], prefix.frame_keys[r])
         spans_r = torch.tensor(evi_idx[r], dtype=torch.long, device=device).reshape(-1, 2)  # [E, 2]
         ev_logits.append(logits_r)
         ev_queries.append(queries)

@@ -424,12 +424,17 @@ class GroundingService(_ModelService):
         def run(members: list[int]) -> list[GroundingResult]:
             chosen = [requests[i] for i in members]
             batch = self._batch(chosen)
-            return ground(self.model, self.tokenizers.llm, batch, [r.question for r in chosen], chosen[0].settings)
+            return ground(
+                self.model,
+                self.tokenizers.llm,
+                batch,
+                [r.question for r in chosen],
+                chosen[0].settings,
+                src_spans_s=[list(r.src_spans_s) for r in chosen],
+            )
 
         for members in groups.values():
             for i, result in zip(members, _run_isolated(run, members)):
-                if isinstance(result, GroundingResult):
-                    result.src_spans_s = list(requests[i].src_spans_s)
                 out[i] = result
         return [r for r in out if r is not None]
 
@@ -485,7 +490,6 @@ class AnsweringService(_ModelService):
                 self.tokenizers.qformer,
                 chosen,
                 settings[members[0]],
-                src_spans_s=[list(g.src_spans_s) for g in chosen],
             )
 
         for members in groups.values():

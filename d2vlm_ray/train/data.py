@@ -254,8 +254,8 @@ def load_pairs(path: str, *, video_root: str = "", max_samples: int = 0) -> list
 # --- collators -----------------------------------------------------------------------
 
 
-class SFTCollate:
-    """Records → :class:`D2VLMBatch` (prompt, response, spans) with features from the cache.
+class _FeatureCollate:
+    """Shared state of the collators: tokenizers and a feature source.
 
     Args:
         tokenizers: The model's tokenizers.
@@ -267,6 +267,10 @@ class SFTCollate:
         self.tokenizers = tokenizers
         self.features = features
         self.max_text_tokens = max_text_tokens
+
+
+class SFTCollate(_FeatureCollate):
+    """Records → :class:`D2VLMBatch` (prompt, response, spans) with features from the cache."""
 
     def __call__(self, records: list[VideoRecord]) -> D2VLMBatch:
         feats = [self.features(r.video) for r in records]
@@ -284,19 +288,8 @@ class SFTCollate:
         )
 
 
-class PairCollate:
-    """Preference pairs → :class:`PairBatch` with features from the cache.
-
-    Args:
-        tokenizers: The model's tokenizers.
-        features: Video path → features.
-        max_text_tokens: Q-Former question tokens kept.
-    """
-
-    def __init__(self, tokenizers: Tokenizers, features: FeatureFn, max_text_tokens: int = 256) -> None:
-        self.tokenizers = tokenizers
-        self.features = features
-        self.max_text_tokens = max_text_tokens
+class PairCollate(_FeatureCollate):
+    """Preference pairs → :class:`PairBatch` with features from the cache (each video once)."""
 
     def __call__(self, pairs: list[PreferencePair]) -> PairBatch:
         feats = [self.features(p.video) for p in pairs]
