@@ -75,15 +75,18 @@ class QuickstartConfig:
 
     out_dir: str = "runs/quickstart"
     seed: int = 0
-    n_videos: int = 300
-    split_fractions: list[float] = field(default_factory=lambda: [0.6, 0.05, 0.35])
+    n_videos: int = 600
+    split_fractions: list[float] = field(default_factory=lambda: [0.75, 0.05, 0.2])
     num_cpus: int = 2
     fps: float = 1.0
     max_frames: int = 0
     # The tiny model learns from a random start: its grounding heads and compressor need a
-    # much larger learning rate than the official 2e-5 / 5e-5, and many small steps.
+    # larger learning rate than the official 2e-5 / 5e-5, and many small steps. At 1e-2
+    # the heads learn *that* an event happens but not *which* (in a 1000-step study the
+    # top frame fell inside some event for 100 of 100 queries, inside the right one for 36);
+    # at 3e-3 for 52.
     sft_steps: int = 2200
-    sft_lr: float = 1e-2
+    sft_lr: float = 3e-3
     sft_lora_lr: float = 2e-3
     sft_batch_size: int = 4
     sft_tasks: list[str] = field(default_factory=lambda: ["tvg", "gqa", "dvc"])

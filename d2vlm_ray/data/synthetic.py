@@ -1,10 +1,12 @@
 """A synthetic, deterministic grounding benchmark: coloured shapes that act over time.
 
-Each video shows one to three large shapes on a dark background. Over 10-60 s they enter,
+Each video shows two to four large shapes on a dark background. Over 10-60 s they enter,
 leave, move, jump, change colour and change size, one event at a time with idle gaps, so
-every event has a clean span. While an object acts it wears a white halo, so every frame
-of an event shows *that* something happens and to whom; which event a query names still
-has to be read from the object's colour, shape and motion. From the script of a scene (:class:`Scene`) the generator
+every event has a clean span. While an object acts it wears a white halo and the
+background takes on a tint of the object's colour, so every frame of an event shows
+*that* something happens and to whom. The planner prefers objects that have not acted
+yet, so most queries can be grounded by who acts; when an object acts twice, which of its
+events a query names has to be read from the motion. From the script of a scene (:class:`Scene`) the generator
 writes annotations for four tasks in the E.T.-Instruct / D2VLM ``evi.json`` style:
 
 - ``tvg``: one event described in words; one span.
@@ -66,6 +68,11 @@ BACKGROUND_RGB = (16, 16, 24)
 # stays at the BCE marginal for 400+ steps).
 HALO_FRACTION = 0.06
 HALO_RGB = (255, 255, 255)
+# Share of the acting object's colour mixed into the background during its event. The
+# halo alone tells *where* an object acts; a random frozen ViT with one token per frame
+# mixes position and colour, and the tiny model learns "the red one acts" far faster from
+# a frame-wide colour cue (R@0.5 0.09 -> 0.25 after 600 steps in a 100-query study).
+TINT_FRACTION = 0.35
 COLOUR_RGB: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),
     "green": (40, 200, 60),
@@ -92,6 +99,10 @@ KIND_WEIGHTS: dict[str, float] = {
     "shrink": 1.0,
     "jump": 1.0,
 }
+# Weight multiplier of objects that have not acted yet: most objects act once, so the
+# acting object's colour identifies most events (with uniform choice three quarters of
+# the tvg queries named an object that acted more than once).
+FRESH_ACTOR_WEIGHT = 10.0
 _DIRECTION_VECTORS: dict[str, tuple[float, float]] = {
     "left": (-1.0, 0.0),
     "right": (1.0, 0.0),
@@ -315,7 +326,7 @@ def plan_scene(seed: int, idx: int) -> Scene:
     """
     rng = _scene_rng(seed, idx, "plan")
     duration_s = rng.randint(int(MIN_DURATION_S * 2), int(MAX_DURATION_S * 2)) / 2
-    n_objects = rng.randint(1, 3)
+    n_objects = rng.randint(2, 4)
     shapes = tuple(rng.sample(SHAPE_NAMES, n_objects))
     colours = rng.sample(list(COLOUR_RGB), n_objects)
     initial: list[ObjectState] = []
@@ -326,7 +337,8 @@ def plan_scene(seed: int, idx: int) -> Scene:
         state = ObjectState(present=present, x=x, y=y, size=size, colour=colours[obj_idx])
         initial.append(state if present else replace(_offscreen(state, "left"), present=False))
 
-    max_events = min(MAX_EVENTS, max(2, int(duration_s // 7) + 1))
+    # At most one event more than there are objects, so few objects need to act twice.
+    max_events = min(MAX_EVENTS, n_objects + 1, max(2, int(duration_s // 7) + 1))
     spans = _event_times(rng, duration_s, rng.randint(2, max_events))
     tal_kind = rng.choice(tuple(TAL_ACTIONS))
     n_repeats = min(len(spans), rng.randint(2, 3))
@@ -336,7 +348,8 @@ def plan_scene(seed: int, idx: int) -> Scene:
     events: list[SceneEvent] = []
     for slot, (start_s, end_s) in enumerate(spans):
         candidates = _event_candidates(states, tal_kind if slot in forced else None, tal_kind)
-        weights = [KIND_WEIGHTS[k] for _, k in candidates]
+        acted = {e.obj_idx for e in events}
+        weights = [KIND_WEIGHTS[k] * (1.0 if i in acted else FRESH_ACTOR_WEIGHT) for i, k in candidates]
         obj_idx, kind = rng.choices(candidates, weights=weights)[0]
         before = states[obj_idx]
         after, direction = _apply_event(rng, before, kind, states)
@@ -640,10 +653,15 @@ def render_frame(scene: Scene, t_s: float, size: int = 128) -> np.ndarray:
     """Draw the scene at time ``t_s`` as a uint8 RGB array ``[size, size, 3]``.
 
     An object that is acting at ``t_s`` is drawn over a white halo of its own shape,
-    :data:`HALO_FRACTION` wider on every side.
+    :data:`HALO_FRACTION` wider on every side, and the background is tinted with
+    :data:`TINT_FRACTION` of the colour it had when its event began.
     """
     frame = np.empty((size, size, 3), dtype=np.uint8)
-    frame[:] = BACKGROUND_RGB
+    background = np.asarray(BACKGROUND_RGB, dtype=np.float64)
+    for event in scene.events:
+        if event.start_s <= t_s < event.end_s:
+            background += TINT_FRACTION * (np.asarray(COLOUR_RGB[event.before.colour]) - background)
+    frame[:] = np.round(background).astype(np.uint8)
     centres = (np.arange(size, dtype=np.float32) + 0.5) / size
     for obj_idx, shape in enumerate(scene.shapes):
         state, size_frac, rgb = object_state_at(scene, obj_idx, t_s)
@@ -748,7 +766,7 @@ def generate_benchmark(
         paths[split] = str(path)
         counts[split] = {t: sum(r.task == t for r in records) for t in tasks}
     meta = {"generator": "d2vlm_ray.data.synthetic", "version": 2, "seed": seed, "n_videos": n_videos,
-            "fractions": list(fractions), "tasks": list(tasks), "fps": fps, "size": size, "halo": HALO_FRACTION}
+            "fractions": list(fractions), "tasks": list(tasks), "fps": fps, "size": size, "halo": HALO_FRACTION, "tint": TINT_FRACTION}
     (root / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
     render_s = 0.0
