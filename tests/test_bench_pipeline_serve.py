@@ -30,6 +30,8 @@ def test_registered_and_configs_strict() -> None:
     assert bench.load_benchmark("pipeline") is pipeline and bench.load_benchmark("serve") is serve
     with pytest.raises(ConfigError, match="n_videos"):
         from_dict(pipeline.Config, {"n_videos": 0})
+    with pytest.raises(ConfigError, match="encoder"):
+        from_dict(pipeline.Config, {"encoder": "vit-huge"})
     with pytest.raises(ConfigError, match="concurrency"):
         from_dict(serve.Config, {"concurrency": 0})
     with pytest.raises(ConfigError):

@@ -82,7 +82,7 @@ def test_rejected_branch_equals_separate_forward(setup: dict) -> None:
         out = _pair(setup)
         ref = _single(setup, "rejected")
     text = sequence_logps(ref.logits, ref.labels)
-    ground = torch.stack([grounding_loglik(l, s) for l, s in zip(ref.evidence_logits, ref.evidence_spans_idx)])
+    ground = torch.stack([grounding_loglik(lg, s) for lg, s in zip(ref.evidence_logits, ref.evidence_spans_idx)])
     assert torch.allclose(out.rejected_text_logp, text, atol=1e-9)
     assert torch.allclose(out.rejected_grounding_logp, ground, atol=1e-9)
     assert torch.allclose(out.rejected_logp, text + ground, atol=1e-9)

@@ -19,7 +19,7 @@ def _scrape(port: int, wanted: dict[str, str], timeout_s: float = 60.0) -> set[s
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and found != set(wanted):
         text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-        found = {n for n, label in wanted.items() if any(l.startswith(n + "{") and label in l for l in text.splitlines())}
+        found = {n for n, label in wanted.items() if any(line.startswith(n + "{") and label in line for line in text.splitlines())}
         time.sleep(1)
     return found
 

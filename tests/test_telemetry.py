@@ -60,5 +60,5 @@ def test_metrics_are_exported(ray_cluster: None, ray_metrics_port: int) -> None:
         found = {name for name in wanted if _exported(text, name)}
         time.sleep(1)
     assert found == wanted, sorted(wanted - found)
-    frames = [l for l in text.splitlines() if l.startswith("ray_d2vlm_frames_decoded_total{") and 'stage="unit"' in l]
+    frames = [line for line in text.splitlines() if line.startswith("ray_d2vlm_frames_decoded_total{") and 'stage="unit"' in line]
     assert frames and float(frames[0].rsplit(" ", 1)[1]) >= 7

@@ -104,7 +104,7 @@ class Config:
     encode_actors: int = 2
     encode_num_cpus: float = 0.75
     target_ratio: float = 0.9
-    encoder: str = "vit-s16"
+    encoder: str = "tiny"
 
     def validate(self) -> None:
         """Reject values that cannot be benchmarked (raised as ConfigError by the loader)."""
