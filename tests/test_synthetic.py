@@ -190,3 +190,26 @@ def test_grounding_response_rejects_wrong_counts() -> None:
     assert S.grounding_response(2, ["<evi>, a. <evi>, b."]) == "<evi><evi></evi><evi>, a. <evi>, b."
     with pytest.raises(ValueError):
         S.grounding_response(2, ["<evi>, a."])
+
+
+def test_events_tint_the_background_with_the_actor_colour(scenes: list[S.Scene]) -> None:
+    scene = scenes[0]
+    idle_t_s = next(t for t in np.arange(0.0, scene.duration_s, 0.5)
+                    if not any(e.start_s <= t < e.end_s for e in scene.events))
+    assert tuple(S.render_frame(scene, float(idle_t_s), size=64)[0, 0]) == S.BACKGROUND_RGB
+    for event in scene.events:
+        corner = S.render_frame(scene, (event.start_s + event.end_s) / 2, size=64)[0, 0].astype(int)
+        colour = np.asarray(S.COLOUR_RGB[event.before.colour])
+        expected = np.asarray(S.BACKGROUND_RGB) + S.TINT_FRACTION * (colour - np.asarray(S.BACKGROUND_RGB))
+        assert np.abs(corner - expected).max() <= 1
+
+
+def test_the_planner_prefers_objects_that_have_not_acted(monkeypatch: pytest.MonkeyPatch) -> None:
+    def repeated_share() -> float:
+        plans = [S.plan_scene(0, idx) for idx in range(200)]
+        flags = [sum(o.obj_idx == e.obj_idx for o in p.events) > 1 for p in plans for e in p.events]
+        return sum(flags) / len(flags)
+
+    preferred = repeated_share()  # 0.43 of events belong to an object that acts twice
+    monkeypatch.setattr(S, "FRESH_ACTOR_WEIGHT", 1.0)
+    assert preferred < 0.5 < repeated_share()  # 0.67 with uniform choice

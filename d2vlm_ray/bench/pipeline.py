@@ -43,7 +43,7 @@ ENCODERS: dict[str, dict[str, Any]] = {
     # nothing, so the figure is dominated by Ray's fixed costs (worker and actor start).
     "tiny": {},
     # A ViT-S/16 (22 M parameters, 196 patches of 224 px frames): per-frame work of the
-    # order a real frame encoder costs on CPU, at a size 2 cores encode in tens of seconds.
+    # order a real frame encoder costs on CPU.
     "vit-s16": {
         "image_size": 224,
         "patch_size": 16,

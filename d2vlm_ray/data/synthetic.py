@@ -100,8 +100,8 @@ KIND_WEIGHTS: dict[str, float] = {
     "jump": 1.0,
 }
 # Weight multiplier of objects that have not acted yet: most objects act once, so the
-# acting object's colour identifies most events (with uniform choice three quarters of
-# the tvg queries named an object that acted more than once).
+# acting object's colour identifies most events (under the previous planner, 1-3 objects
+# chosen uniformly, three quarters of the test tvg queries named an object that acted twice).
 FRESH_ACTOR_WEIGHT = 10.0
 _DIRECTION_VECTORS: dict[str, tuple[float, float]] = {
     "left": (-1.0, 0.0),
