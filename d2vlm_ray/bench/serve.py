@@ -63,12 +63,21 @@ class Config:
         sample_fps: Frames sampled per second (server ``fps``).
         max_frames: Frame cap per video (server ``max_frames``).
         max_grounding_tokens: Grounding token bound of every request.
-        max_new_tokens: Answer token bound of every ``/v1/answer`` request.
+        max_new_tokens: Answer token bound of every ``/v1/answer`` request. The random
+            tiny model never stops early, so every answer has this many tokens; 64 is the
+            length of a dense-captioning answer. Batching amortises the per-step model
+            cost, not the per-request HTTP and handle hops (~100 ms of CPU per request on
+            2 cores), so its gain grows with the answer: 2.5x at 32 tokens, 3.5x at 64
+            (measured on 2 cores; see ``BENCHMARKS.md``).
         concurrency: Clients in flight during the throughput phase.
         n_throughput_requests: Requests per throughput round.
         throughput_rounds: Rounds per batching mode (modes alternate).
         max_batch_size: The batched mode's ``max_batch_size`` (the other mode uses 1).
         batch_wait_timeout_s: How long the Grounder and Answerer wait to fill a batch.
+            With ``concurrency`` equal to ``max_batch_size`` and two batched stages, a
+            short wait (0.05 s) splits the clients into two cohorts that alternate between
+            the stages (mean batch 3-5); 0.2 s lets the returning cohort join (mean batch
+            8). A lone request waits this long, so single-request latency grows by it.
         replica_num_cpus: CPUs of every replica.
         cores: ``num_cpus`` of the Ray instance the benchmark starts when none is running.
         http_timeout_s: Timeout of every HTTP request.
@@ -87,12 +96,12 @@ class Config:
     sample_fps: float = 1.0
     max_frames: int = 16
     max_grounding_tokens: int = 4
-    max_new_tokens: int = 8
+    max_new_tokens: int = 64
     concurrency: int = 8
-    n_throughput_requests: int = 32
+    n_throughput_requests: int = 96
     throughput_rounds: int = 2
     max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.05
+    batch_wait_timeout_s: float = 0.2
     replica_num_cpus: float = 0.25
     cores: int = 2
     http_timeout_s: float = 60.0
@@ -397,6 +406,12 @@ def run(cfg: Config) -> dict[str, Any]:
     }
 
 
+def _mean_batch(rounds: list[dict[str, Any]]) -> str:
+    """The Answerer's mean batch size over ``rounds``, as text."""
+    sizes = [r["answerer_mean_batch_size"] for r in rounds if r.get("answerer_mean_batch_size")]
+    return f"{np.mean(sizes):.1f}" if sizes else "n/a"
+
+
 def markdown(result: dict[str, Any], cfg: Config) -> str:
     """One Markdown fragment: cold vs cached per endpoint, batched vs unbatched requests/s."""
     parts = [
@@ -412,7 +427,9 @@ def markdown(result: dict[str, Any], cfg: Config) -> str:
         )
     t = result["throughput"]
     parts.append(
-        f"/v1/answer at concurrency {t['concurrency']}: max_batch_size {cfg.max_batch_size} "
+        f"/v1/answer ({cfg.max_new_tokens} answer tokens) at concurrency {t['concurrency']}: "
+        f"max_batch_size {cfg.max_batch_size} (wait {cfg.batch_wait_timeout_s:g} s, mean batch "
+        f"{_mean_batch(t['rounds']['batched'])}) "
         f"{t['median_requests_per_s']['batched']:.2f} req/s vs 1 {t['median_requests_per_s']['unbatched']:.2f} req/s "
         f"= **{t['batch_speedup']:.2f}x** (medians of {cfg.throughput_rounds} rounds of {cfg.n_throughput_requests})"
     )
