@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from d2vlm_ray.config import ModelConfig, dump_config, from_dict, load_config
+from d2vlm_ray.config import ConfigError, ModelConfig, dump_config, from_dict, load_config
 
 log = logging.getLogger("jobs.quickstart")
 T = TypeVar("T")
@@ -462,7 +462,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     preset_overrides = [f"{k}={json.dumps(v)}" for k, v in SMOKE.items()] if args.preset == "smoke" else []
-    cfg = load_config(QuickstartConfig, args.config, [*preset_overrides, *args.overrides])
+    try:
+        cfg = load_config(QuickstartConfig, args.config, [*preset_overrides, *args.overrides])
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     summary = run(cfg, args.preset)
     print_summary(summary)
     return 0

@@ -29,6 +29,16 @@ def test_yaml_then_dotlist_overrides(tmp_path) -> None:
     assert cfg.model.llm.hidden_size == 64, "unset fields come from the tiny preset"
 
 
+def test_exponent_floats_without_a_dot_are_floats(tmp_path) -> None:
+    # YAML 1.1 (PyYAML) reads 2e-3 as a string; a float field must still take it.
+    assert load_config(JobConfig, None, ["lr=2e-3"]).lr == pytest.approx(0.002)
+    path = tmp_path / "job.yaml"
+    path.write_text("lr: 1E+2\n")
+    assert load_config(JobConfig, path).lr == pytest.approx(100.0)
+    with pytest.raises(ConfigError, match="lr: expected a float"):
+        load_config(JobConfig, None, ["lr=fast"])
+
+
 def test_preset_switch_takes_the_preset_values() -> None:
     cfg = load_config(JobConfig, None, ["model.preset=phi3-mini"])
     assert cfg.model.llm.hidden_size == 3072 and cfg.model.vision.num_layers == 39

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from d2vlm_ray.config import from_dict
-from jobs.quickstart import SMOKE, QuickstartConfig, run
+from jobs.quickstart import SMOKE, QuickstartConfig, main, run
 
 
 def _scrape(port: int, wanted: dict[str, str], timeout_s: float = 60.0) -> set[str]:
@@ -51,3 +51,8 @@ def test_smoke_quickstart_runs_every_stage(ray_cluster: None, ray_metrics_port: 
         "ray_d2vlm_evidence_spans_bucket": 'stage="serve"',
     }
     assert _scrape(ray_metrics_port, wanted) == set(wanted)
+
+
+def test_a_bad_override_is_a_config_error_not_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["fpo_lr=fast"]) == 2
+    assert "config error: fpo_lr: expected a float" in capsys.readouterr().err

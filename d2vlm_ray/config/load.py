@@ -8,6 +8,7 @@ The resolved config is written next to each run's outputs (:func:`dump_config`).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -17,6 +18,9 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+
+# A decimal number with an optional exponent: ``1``, ``-0.5``, ``.5``, ``2e-3``, ``1E+4``.
+_FLOAT_LITERAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -77,6 +81,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an int, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
+            # PyYAML follows YAML 1.1, which reads ``2e-3`` as a string (it wants ``2.0e-3``).
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a float, got {value!r}")
         return float(value)
