@@ -159,6 +159,54 @@ class _BatchCounters:
         return {k: int(v) for k, v in self.counts.items()}
 
 
+class _BatchedModel:
+    """What Grounder and Answerer share: a ``@serve.batch`` method named ``_batched``,
+    its knobs (hot-tunable through ``reconfigure``) and the batch counters.
+
+    Subclasses set ``self.args`` and call :meth:`_init_batching` in ``__init__``, and
+    run each batch through :meth:`_run_live`.
+    """
+
+    args: ServeArgs
+    _batched: Any
+
+    def _init_batching(self) -> None:
+        self._apply_batching()
+        self.batches = _BatchCounters()
+
+    def _apply_batching(self) -> None:
+        self._batched.set_max_batch_size(self.args.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply ``user_config`` (``max_batch_size``, ``batch_wait_timeout_s``) without a restart."""
+        self.args = _retuned(self.args, user_config, _BATCH_KNOBS, type(self).__name__)
+        self._apply_batching()
+
+    async def _run_live(
+        self, deadlines_unix_s: list[float], run: Callable[[list[int]], list[Any]]
+    ) -> list[Any]:
+        """``run(live)`` in a worker thread on the members whose deadline has not passed.
+
+        The others get :class:`DeadlineExceeded` in their slots; ``run`` returns one
+        result (or :class:`ServiceError`) per live member.
+        """
+        now = time.time()
+        live = [i for i, deadline in enumerate(deadlines_unix_s) if deadline > now]
+        out: list[Any] = [
+            DeadlineExceeded("the request's deadline passed while it waited for a batch") for _ in deadlines_unix_s
+        ]
+        if live:
+            self.batches.record(len(live))
+            for i, result in zip(live, await asyncio.to_thread(run, live)):
+                out[i] = result
+        return out
+
+    def counters(self) -> dict[str, int]:
+        """Requests and batches seen."""
+        return self.batches.snapshot()
+
+
 @serve.deployment(
     name="FrameEncoder", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=4, max_queued_requests=32
 )
@@ -208,7 +256,7 @@ class FrameEncoder:
 @serve.deployment(
     name="Grounder", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=16, max_queued_requests=64
 )
-class Grounder:
+class Grounder(_BatchedModel):
     """Compressor + LLM through the grounding part; reads features from the shared cache."""
 
     def __init__(self, args: dict[str, Any]) -> None:
@@ -221,17 +269,7 @@ class Grounder:
             memory_bytes=self.args.cache_memory_bytes,
             storage_dtype=self.args.cache_storage_dtype,
         )
-        self._apply_batching()
-        self.batches = _BatchCounters()
-
-    def _apply_batching(self) -> None:
-        self._batched.set_max_batch_size(self.args.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
-
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Apply ``user_config`` (``max_batch_size``, ``batch_wait_timeout_s``) without a restart."""
-        self.args = _retuned(self.args, user_config, _BATCH_KNOBS, type(self).__name__)
-        self._apply_batching()
+        self._init_batching()
 
     def _read(self, ref: FeatureRef) -> Any:
         found = self.cache.get(ref.key)
@@ -255,27 +293,15 @@ class Grounder:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _batched(self, items: list[tuple[GroundingRequest, float]]) -> list[GroundingResult | ServiceError]:
-        now = time.time()
-        live = [i for i, (_, deadline) in enumerate(items) if deadline > now]
-        out: list[GroundingResult | ServiceError] = [
-            DeadlineExceeded("the request's deadline passed while it waited for a batch") for _ in items
-        ]
-        if live:
-            self.batches.record(len(live))
-            results = await asyncio.to_thread(self.service.ground_many, [items[i][0] for i in live])
-            for i, result in zip(live, results):
-                out[i] = result
-        return out
-
-    def counters(self) -> dict[str, int]:
-        """Requests and batches seen."""
-        return self.batches.snapshot()
+        return await self._run_live(
+            [deadline for _, deadline in items], lambda live: self.service.ground_many([items[i][0] for i in live])
+        )
 
 
 @serve.deployment(
     name="Answerer", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=16, max_queued_requests=64
 )
-class Answerer:
+class Answerer(_BatchedModel):
     """Continues from a GroundingResult; never reads the patch cache or runs the compressor."""
 
     def __init__(self, args: dict[str, Any]) -> None:
@@ -283,17 +309,7 @@ class Answerer:
         self.service = AnsweringService.from_checkpoint(
             self.args.checkpoint_dir, dtype=self.args.dtype, device=self.args.device
         )
-        self._apply_batching()
-        self.batches = _BatchCounters()
-
-    def _apply_batching(self) -> None:
-        self._batched.set_max_batch_size(self.args.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
-
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Apply ``user_config`` (``max_batch_size``, ``batch_wait_timeout_s``) without a restart."""
-        self.args = _retuned(self.args, user_config, _BATCH_KNOBS, type(self).__name__)
-        self._apply_batching()
+        self._init_batching()
 
     async def answer(self, item: AnswerItem) -> GenerationResult:
         """Answer one grounding (batched with concurrent ones)."""
@@ -305,19 +321,10 @@ class Answerer:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _batched(self, items: list[AnswerItem]) -> list[GenerationResult | ServiceError]:
-        now = time.time()
-        live = [i for i, item in enumerate(items) if item.deadline_unix_s > now]
-        out: list[GenerationResult | ServiceError] = [
-            DeadlineExceeded("the request's deadline passed while it waited for a batch") for _ in items
-        ]
-        if live:
-            self.batches.record(len(live))
-            results = await asyncio.to_thread(
-                self.service.answer_many, [items[i].grounding for i in live], [items[i].settings for i in live]
-            )
-            for i, result in zip(live, results):
-                out[i] = result
-        return out
+        return await self._run_live(
+            [item.deadline_unix_s for item in items],
+            lambda live: self.service.answer_many([items[i].grounding for i in live], [items[i].settings for i in live]),
+        )
 
     async def answer_stream(self, item: AnswerItem) -> AsyncIterator[StreamToken | GenerationResult]:
         """Answer one grounding token by token; the last item is the full result."""
@@ -331,10 +338,6 @@ class Answerer:
             yield step
             if time.time() >= item.deadline_unix_s:
                 return
-
-    def counters(self) -> dict[str, int]:
-        """Requests and batches seen."""
-        return self.batches.snapshot()
 
 
 # --- HTTP --------------------------------------------------------------------------------
