@@ -20,6 +20,7 @@ from jobs import bench as bench_job
 
 TINY_TRAIN = [
     "model.preset=tiny",
+    "min_plain_step_s=0",
     "n_videos=2",
     "video_size=48",
     "max_frames=6",
@@ -68,6 +69,7 @@ def test_train_report(train_run: dict) -> None:
         "same_samples_per_step": True,
         "first_step_loss_match": True,
         "losses_match": True,
+        "plain_step_long_enough": True,  # min_plain_step_s=0 for the tiny preset
     }
     s = result["summary"]
     assert s["overhead_ratio"] == pytest.approx(s["ray_median_step_s"] / s["plain_median_step_s"], rel=1e-3)
@@ -87,6 +89,8 @@ def test_train_config_errors() -> None:
         from_dict(train.Config, {"steps": 5, "median_from_step": 6})
     with pytest.raises(ConfigError, match="threads"):
         from_dict(train.Config, {"threads": 0})
+    with pytest.raises(ConfigError, match="min_plain_step_s"):
+        from_dict(train.Config, {"min_plain_step_s": -1})
     assert bench_job.main(["train", "no_such_key=1"]) == 2
 
 
