@@ -66,9 +66,9 @@ class Config:
         max_new_tokens: Answer token bound of every ``/v1/answer`` request. The random
             tiny model never stops early, so every answer has this many tokens; 64 is the
             length of a dense-captioning answer. Batching amortises the per-step model
-            cost, not the per-request HTTP and handle hops (~100 ms of CPU per request on
-            2 cores), so its gain grows with the answer: 2.5x at 32 tokens, 3.5x at 64
-            (measured on 2 cores; see ``BENCHMARKS.md``).
+            cost, not the per-request HTTP and handle hops (batched, 2 cores level off at
+            17-19 req/s whatever the length), so its gain grows with the answer: 2.5x at
+            32 tokens, 3.5x at 64 (measured on 2 cores; see ``BENCHMARKS.md``).
         concurrency: Clients in flight during the throughput phase.
         n_throughput_requests: Requests per throughput round.
         throughput_rounds: Rounds per batching mode (modes alternate).
