@@ -64,8 +64,9 @@ class Config:
         max_frames: Frame cap per video (server ``max_frames``).
         max_grounding_tokens: Grounding token bound of every request.
         max_new_tokens: Answer token bound of every ``/v1/answer`` request. The random
-            tiny model never stops early, so every answer has this many tokens; 64 is the
-            length of a dense-captioning answer. Batching amortises the per-step model
+            tiny model never stops early, so every answer has this many tokens. 64 lies
+            between the synthetic dense-captioning answers (median 23, at most 44 tokens
+            after ``</evi>``) and the official data's 200-word answer limit. Batching amortises the per-step model
             cost, not the per-request HTTP and handle hops (batched, 2 cores level off at
             17-19 req/s whatever the length), so its gain grows with the answer: 2.5x at
             32 tokens, 3.5x at 64 (measured on 2 cores; see ``BENCHMARKS.md``).
