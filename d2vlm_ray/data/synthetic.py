@@ -72,7 +72,11 @@ HALO_RGB = (255, 255, 255)
 # halo alone tells *where* an object acts; a random frozen ViT with one token per frame
 # mixes position and colour, and the tiny model learns "the red one acts" far faster from
 # a frame-wide colour cue (R@0.5 0.09 -> 0.25 after 600 steps in a 100-query study).
-TINT_FRACTION = 0.35
+# At 0.35 the actor's colour was decodable from the frozen features by a linear probe in
+# 61 % of event frames (8 colours), and 2200 SFT steps picked the named event for 38 % of
+# the test queries whose object acts once (R@0.5 0.22); at 0.6, for 89 % and 66 % in two
+# seeds (R@0.5 0.77 and 0.60).
+TINT_FRACTION = 0.6
 COLOUR_RGB: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),
     "green": (40, 200, 60),
