@@ -90,9 +90,11 @@ class QuickstartConfig:
     sft_lora_lr: float = 2e-3
     sft_batch_size: int = 4
     sft_tasks: list[str] = field(default_factory=lambda: ["tvg", "gqa", "dvc"])
-    fpo_steps: int = 400
-    fpo_lr: float = 1e-3
-    fpo_lora_lr: float = 1e-3
+    # FPO from one SFT checkpoint (held-out preference accuracy 0.750): 400 steps at 1e-3
+    # reached 0.791, 1000 at 2e-3 0.839, 1600 at 3e-3 0.858 (R@0.5 0.540 -> 0.666).
+    fpo_steps: int = 1600
+    fpo_lr: float = 3e-3
+    fpo_lora_lr: float = 3e-3
     fpo_batch_size: int = 2
     grad_clip: float = 1.0
     train_workers: int = 2
