@@ -1,13 +1,14 @@
 """Tests of the ``train`` and ``gpu`` benchmarks (correctness of reports and helpers, not speed).
 
-The ``train`` run is shrunk to the tiny preset, 3 videos and a few steps; it fits two Ray
-Train runs (1 and 2 workers) on the session cluster. The ``gpu`` benchmark is skipped on
+The ``train`` run is shrunk to the tiny preset, 2 videos, a few steps and 2 repeats; its Ray
+Train runs (1 and 2 workers) fit on the session cluster. The ``gpu`` benchmark is skipped on
 this CPU machine; its FLOP and MFU helpers are checked with hand-computed numbers.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ TINY_TRAIN = [
     "video_size=48",
     "max_frames=6",
     "steps=4",
+    "repeats=2",
     "median_from_step=2",
     "scaled_workers=2",
     "scaled_steps=2",
@@ -59,10 +61,14 @@ def test_train_report(train_run: dict) -> None:
     assert train_run["rc"] == 0
     result = train_run["report"]["result"]
     assert set(result["paths"]) == {"plain", "ray", "ray_scaled"}
-    for name, steps in (("plain", 4), ("ray", 4), ("ray_scaled", 2)):
-        p = result["paths"][name]
+    runs = [*result["paths"]["plain"]["repeats"], *result["paths"]["ray"]["repeats"]]
+    assert len(runs) == 4
+    for p, steps in [(r, 4) for r in runs] + [(result["paths"]["ray_scaled"], 2)]:
         assert p["steps"] == steps == len(p["step_s"]) == len(p["loss"])
         assert p["median_step_s"] > 0 and p["samples_per_s"] > 0
+    for name in ("plain", "ray"):
+        path = result["paths"][name]
+        assert path["median_step_s"] == pytest.approx(statistics.median(r["median_step_s"] for r in path["repeats"]), abs=1e-6)
     assert result["paths"]["ray_scaled"]["samples_per_step"] == 2
     assert result["checks"] == {
         "steps_complete": True,
@@ -72,7 +78,10 @@ def test_train_report(train_run: dict) -> None:
         "plain_step_long_enough": True,  # min_plain_step_s=0 for the tiny preset
     }
     s = result["summary"]
-    assert s["overhead_ratio"] == pytest.approx(s["ray_median_step_s"] / s["plain_median_step_s"], rel=1e-3)
+    plain_runs, ray_runs = result["paths"]["plain"]["repeats"], result["paths"]["ray"]["repeats"]
+    ratios = [r["median_step_s"] / p["median_step_s"] for p, r in zip(plain_runs, ray_runs)]
+    assert s["overhead_ratios"] == pytest.approx(ratios, rel=1e-3) and s["repeats"] == 2
+    assert s["overhead_ratio"] == pytest.approx(statistics.median(ratios), rel=1e-3)
     assert isinstance(s["target_met"], bool) and s["threads"] == 1
     assert result["model"]["llm_hidden_size"] == 64 and result["model"]["parameters"]["trainable"] > 0
     line = train_run["report"]["markdown"]
@@ -87,6 +96,8 @@ def test_train_config_errors() -> None:
 
     with pytest.raises(ConfigError, match="median_from_step"):
         from_dict(train.Config, {"steps": 5, "median_from_step": 6})
+    with pytest.raises(ConfigError, match="repeats"):
+        from_dict(train.Config, {"repeats": 0})
     with pytest.raises(ConfigError, match="threads"):
         from_dict(train.Config, {"threads": 0})
     with pytest.raises(ConfigError, match="min_plain_step_s"):
