@@ -336,9 +336,9 @@ def run(cfg: Config) -> dict[str, Any]:
     ratios: list[float] = []
     loss_diffs: list[list[float]] = []
     same_samples = True
+    reference_samples: Any = None
     paths: dict[str, Any] = {}
     try:
-        reference_samples = None
         for repeat in range(cfg.repeats):
             dirs = _run_pair(cfg, inputs, runs_root, repeat)
             plain = step_stats(read_steps(dirs["plain"]), cfg.median_from_step, 1)
@@ -347,8 +347,10 @@ def run(cfg: Config) -> dict[str, Any]:
             per_path["ray"].append(ray_path)
             ratios.append(ray_path["median_step_s"] / plain["median_step_s"])
             loss_diffs.append([_rel_diff(a, b) for a, b in zip(plain["loss"], ray_path["loss"])])
+            # Every run, in every repeat, trains the samples of the first plain run, step by step.
             samples = [samples_by_step(dirs[name], 0) for name in ("plain", "ray")]
-            reference_samples = reference_samples or samples[0]
+            if repeat == 0:
+                reference_samples = samples[0]
             same_samples = same_samples and samples[0] == samples[1] == reference_samples
         paths["plain"] = _median_of(per_path["plain"], 1)
         paths["ray"] = _median_of(per_path["ray"], 1)
