@@ -335,8 +335,7 @@ def run(cfg: Config) -> dict[str, Any]:
     per_path: dict[str, list[dict[str, Any]]] = {"plain": [], "ray": []}
     ratios: list[float] = []
     loss_diffs: list[list[float]] = []
-    same_samples = True
-    reference_samples: Any = None
+    sample_orders: list[Any] = []
     paths: dict[str, Any] = {}
     try:
         for repeat in range(cfg.repeats):
@@ -347,11 +346,7 @@ def run(cfg: Config) -> dict[str, Any]:
             per_path["ray"].append(ray_path)
             ratios.append(ray_path["median_step_s"] / plain["median_step_s"])
             loss_diffs.append([_rel_diff(a, b) for a, b in zip(plain["loss"], ray_path["loss"])])
-            # Every run, in every repeat, trains the samples of the first plain run, step by step.
-            samples = [samples_by_step(dirs[name], 0) for name in ("plain", "ray")]
-            if repeat == 0:
-                reference_samples = samples[0]
-            same_samples = same_samples and samples[0] == samples[1] == reference_samples
+            sample_orders += [samples_by_step(dirs[name], 0) for name in ("plain", "ray")]
         paths["plain"] = _median_of(per_path["plain"], 1)
         paths["ray"] = _median_of(per_path["ray"], 1)
         if cfg.scaled_workers:
@@ -386,7 +381,8 @@ def run(cfg: Config) -> dict[str, Any]:
     checks = {
         "steps_complete": all(r["steps"] == cfg.steps for r in runs)
         and ("ray_scaled" not in paths or paths["ray_scaled"]["steps"] == cfg.scaled_steps),
-        "same_samples_per_step": same_samples,
+        # Every run, in every repeat, trains the same samples step by step.
+        "same_samples_per_step": all(order == sample_orders[0] for order in sample_orders),
         "first_step_loss_match": all(diffs and diffs[0] <= 1e-5 for diffs in loss_diffs),
         "losses_match": bool(all_diffs) and max(all_diffs) <= cfg.loss_rtol,
         "plain_step_long_enough": paths["plain"]["median_step_s"] >= cfg.min_plain_step_s,
