@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from d2vlm_ray.data import probe
+from d2vlm_ray.data import video as video_module
 from d2vlm_ray.data.testclips import ClipInfo, barcode_frame, read_barcode, write_audio_only_clip, write_barcode_clip
 from d2vlm_ray.data.video import REASONS, VideoDecodeError, decode_video, probe_video, sample_frame_indices
 
@@ -93,6 +94,37 @@ def test_backends_return_identical_frames(clips: dict[str, ClipInfo], name: str)
     codes = _codes(pyav.frames)
     assert -1 not in codes
     np.testing.assert_allclose(pyav.timestamps_s, np.array(info.frame_times_s)[codes], atol=1e-6)
+
+
+@pytest.mark.parametrize("n_cpus", [1, 2, 3, 16])
+def test_gops_decoded_in_parallel_match_the_official_rule(
+    clips: dict[str, ClipInfo], monkeypatch: pytest.MonkeyPatch, n_cpus: int
+) -> None:
+    # The decoder count follows the usable cores; every count must return the same frames,
+    # with sampled GOPs adjacent (2.5 fps) or with gaps between them (0.5 fps).
+    monkeypatch.setattr(video_module, "_usable_cpus", lambda: n_cpus)
+    for name, fps in (("bframes", 2.5), ("bframes", 0.5), ("ntsc", 1.0), ("ntsc", 0.3)):
+        info = clips[name]
+        video = decode_video(info.path, fps)
+        n_frames, avg_fps = info.n_frames, info.n_frames / info.duration_s
+        official_idx = np.round(np.arange(0, n_frames, avg_fps / fps)).astype(int).clip(0, n_frames - 1)
+        assert _codes(video.frames) == official_idx.tolist(), (name, fps)
+        assert video.warnings == []
+
+
+def test_gop_groups_are_contiguous_balanced_and_keep_open_gops_together() -> None:
+    # Six GOPs of ten packets; GOP 3 is sent whole and GOP 4's sampled leading pictures need it.
+    plan = video_module._GopPlan(
+        gop_of_packet=[g for g in range(6) for _ in range(10)],
+        first_pos=[10 * g for g in range(6)],
+        last_needed_pos={0: 9, 1: 19, 3: 39, 4: 49, 5: 59},
+        needs_previous={4},
+    )
+    assert video_module._split_gops(plan, 1) == [{0, 1, 3, 4, 5}]
+    assert video_module._split_gops(plan, 2) == [{0, 1}, {3, 4, 5}]
+    groups = video_module._split_gops(plan, 4)
+    assert [sorted(g) for g in groups] == [[0], [1], [3, 4], [5]]
+    assert len(video_module._split_gops(plan, 50)) == 4
 
 
 @pytest.mark.parametrize("name", ["rot90", "rot180", "rot270"])

@@ -23,12 +23,17 @@ How it works:
 3. **Decoding** with one of two backends that return identical pixels (tests check it on
    barcoded clips, rotated ones included):
 
-   * ``pyav`` (the default, ``auto``): one sequential pass with frame threads that
-     sends the decoder only what the samples need: whole GOPs without a sampled frame
-     are not sent at all (a drain + flush at each gap replaces a seek), GOP tails after
-     the last sampled frame are dropped, and non-reference frames that are not sampled
-     are skipped inside the decoder (``skip_frame=NONREF``, toggled per packet). Only
-     sampled frames are converted to RGB.
+   * ``pyav`` (the default, ``auto``): sends a decoder only what the samples need:
+     whole GOPs without a sampled frame are not sent at all (a drain + flush at each gap
+     replaces a seek), GOP tails after the last sampled frame are dropped, and
+     non-reference frames that are not sampled are skipped inside the decoder
+     (``skip_frame=NONREF``, toggled per packet). Only sampled frames are converted to
+     RGB. The GOPs to decode are split into one contiguous group per usable core, of
+     similar cost, and each group is decoded by its own single-threaded decoder in a
+     thread (PyAV releases the GIL while decoding). What is left to decode is the
+     reference chain, where FFmpeg's frame threads mostly wait on each other; separate
+     GOPs do not. A video whose GOPs form a single group uses one decoder with frame
+     threads.
    * ``decord`` (the official reader): ``VideoReader.get_batch`` on the sampled
      indices. decord's frame *i* is the *i*-th frame in presentation order; the index
      pass checks that decord counts the same frames.
@@ -45,19 +50,18 @@ rejects unreadable files before decord, whose bundled FFmpeg is older, ever sees
 decord is not isolated in a subprocess (that would cost a process start and a copy of
 every frame per video); use the default backend for untrusted input.
 
-Measured once on this project's 2-core CPU machine (shared with other jobs, load ~3, so
-timings vary by +-25 %), 1 fps sampling of the long-GOP benchmark clip from
+Measured on this project's 2-core CPU machine (quiet, load ~1; medians of 5), 1 fps
+sampling of the long-GOP benchmark clip from
 :func:`d2vlm_ray.data.testclips.write_long_gop_clip` (120 s, 30 fps, 640x360, GOP 250,
 3 B-frames per reference frame, textured; 3 600 frames, 120 sampled), frames identical:
 
-* default path (``decode_video(backend="auto")``, PyAV): 1.6-2.1 s end to end
-  (index pass 0.02-0.03 s); the decoder reconstructed 1 662 frames, 13.9 per sampled
-  frame (non-reference B-frames skipped).
-* official path (decord ``get_batch`` on ``round(arange(0, N, avg_fps))``):
-  2.2 s; decord decodes sequentially through every frame, 30 per sampled frame.
-* ``decode_video(backend="decord")``: 2.5 s.
-* On the same clip written with x264's adaptive B-frames (only 197 B-frames), the
-  PyAV path decoded 3 132 frames (26.1 per sampled frame) and was no faster than decord.
+* default path (``decode_video(backend="auto")``, PyAV, two decoders): 0.57 s end to
+  end; the decoders reconstructed 1 662 frames, 13.9 per sampled frame (non-reference
+  B-frames skipped). One decoder with frame threads took 1.15 s.
+* official path (decord ``get_batch`` on ``round(arange(0, N, avg_fps))``): 1.70 s;
+  decord decodes sequentially through every frame, 30 per sampled frame.
+* On the same clip written with x264's adaptive B-frames (few B-frames), the PyAV path
+  decoded 3 227 frames (26.9 per sampled frame) and took 1.13 s against decord's 1.87 s.
 
 ``python -m jobs.bench decode`` repeats this comparison (medians, CPU time next to wall
 time, frames checked identical; figures in ``BENCHMARKS.md``), using
@@ -73,11 +77,13 @@ from __future__ import annotations
 import io
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, BinaryIO
 
 import av
+from av.video.reformatter import VideoReformatter
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -91,8 +97,6 @@ BACKENDS = ("auto", "pyav", "decord")
 """Accepted values of ``decode_video(..., backend=)``; ``auto`` is ``pyav``."""
 
 _TIME_EPS_S = 1e-6
-_THREAD_TYPE = "AUTO"
-_THREAD_COUNT = 0
 # Frames converted to float at once when downscaling: bounds the float32 copy's memory.
 _RESIZE_CHUNK = 32
 
@@ -360,47 +364,152 @@ def _rotate(frame: np.ndarray, rotation_deg: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(frame, rotation_deg // 90))
 
 
-def _decode_pyav(src: _Source, index: VideoIndex, wanted_pts: np.ndarray) -> tuple[dict[int, np.ndarray], int]:
-    """Decode the frames whose pts are in ``wanted_pts`` with PyAV.
+@dataclass
+class _GopPlan:
+    """Which packets of which GOPs the PyAV backend sends to a decoder.
 
-    Returns:
-        ``{pts: rotated RGB frame}`` for the frames that decoded, and the number of frames
-        the decoder produced (the cost measure reported in the module docstring).
+    Attributes:
+        gop_of_packet: GOP number of every packet in decode order (a GOP starts at a keyframe).
+        first_pos: Decode-order position of every GOP's first packet (its keyframe).
+        last_needed_pos: For every GOP that must be decoded, the decode-order position of
+            its last packet that must be sent; packets after it are dropped.
+        needs_previous: GOPs whose sampled leading pictures (open GOP) reference the
+            previous GOP, so both must go through the same decoder in sequence.
     """
-    wanted = {int(p) for p in wanted_pts}
-    # Group packets into GOPs (decode order, split at keyframes) and decide which to send.
+
+    gop_of_packet: list[int]
+    first_pos: list[int]
+    last_needed_pos: dict[int, int]
+    needs_previous: set[int]
+
+    def cost(self, gop: int) -> int:
+        """Packets of ``gop`` that are sent: from its keyframe to its last needed packet."""
+        return self.last_needed_pos[gop] - self.first_pos[gop] + 1
+
+
+def _plan_gops(index: VideoIndex, wanted: set[int]) -> _GopPlan:
+    """Group packets into GOPs (decode order, split at keyframes) and decide which to send."""
     gop_of_packet: list[int] = []
+    first_pos: list[int] = []
     keyframe_pts: list[int] = []
-    gop = -1
-    for pts, is_key in index.decode_order:
-        if is_key or gop < 0:
-            gop += 1
+    for pos, (pts, is_key) in enumerate(index.decode_order):
+        if is_key or not first_pos:
+            first_pos.append(pos)
             keyframe_pts.append(pts)
-        gop_of_packet.append(gop)
+        gop_of_packet.append(len(first_pos) - 1)
     last_needed_pos: dict[int, int] = {}
+    needs_previous: set[int] = set()
     for pos, (pts, _) in enumerate(index.decode_order):
         if pts in wanted:
             g = gop_of_packet[pos]
             last_needed_pos[g] = pos
             if pts < keyframe_pts[g] and g > 0:
                 # A leading picture (open GOP) references the previous GOP: decode all of it.
-                last_needed_pos[g - 1] = max(last_needed_pos.get(g - 1, -1), _last_pos_of_gop(gop_of_packet, g - 1))
+                needs_previous.add(g)
+                last_needed_pos[g - 1] = first_pos[g] - 1
+    return _GopPlan(gop_of_packet, first_pos, last_needed_pos, needs_previous)
 
+
+def _split_gops(plan: _GopPlan, n_parts: int) -> list[set[int]]:
+    """Split the GOPs to decode into at most ``n_parts`` contiguous groups of similar cost.
+
+    A GOP whose leading pictures need the previous GOP stays in that GOP's group.
+    """
+    runs: list[list[int]] = []
+    for g in sorted(plan.last_needed_pos):
+        if runs and g in plan.needs_previous and runs[-1][-1] == g - 1:
+            runs[-1].append(g)
+        else:
+            runs.append([g])
+    # Cut after the runs whose cumulative cost is nearest to each 1/n_parts share of the total.
+    cum_cost = np.cumsum([sum(plan.cost(g) for g in run) for run in runs])
+    cuts = sorted({int(np.abs(cum_cost - cum_cost[-1] * k / n_parts).argmin()) + 1 for k in range(1, n_parts)})
+    bounds = [0, *(c for c in cuts if c < len(runs)), len(runs)]
+    return [{g for run in runs[lo:hi] for g in run} for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _decode_pyav(src: _Source, index: VideoIndex, wanted_pts: np.ndarray) -> tuple[dict[int, np.ndarray], int]:
+    """Decode the frames whose pts are in ``wanted_pts`` with PyAV.
+
+    GOPs are independent once the decoder is reset, so the GOPs to decode are split into
+    contiguous groups, each decoded by its own single-threaded decoder in its own thread
+    (PyAV releases the GIL while decoding). Frame threads inside one decoder would wait
+    on the reference chain, which is all that is left to decode; whole GOPs in parallel
+    do not. A video with a single group uses one decoder with FFmpeg's own threads.
+
+    Returns:
+        ``{pts: rotated RGB frame}`` for the frames that decoded, and the number of frames
+        the decoders produced (the cost measure reported in the module docstring).
+
+    Raises:
+        VideoDecodeError: ``corrupt`` if decoding fails before any sampled frame decodes.
+    """
+    wanted = {int(p) for p in wanted_pts}
+    plan = _plan_gops(index, wanted)
+    # One decoder per core. Medians of 5 on the long-GOP benchmark clip, 2 cores: one decoder
+    # with frame threads 1.15 s, two decoders 0.57 s, four 0.61 s; decord 1.70 s.
+    groups = _split_gops(plan, _usable_cpus())
+    if len(groups) == 1:
+        results = [_decode_gops(src, index, wanted, plan, groups[0], frame_threads=True)]
+    else:
+        with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="decode") as pool:
+            results = list(
+                pool.map(lambda gops: _decode_gops(src, index, wanted, plan, gops, frame_threads=False), groups)
+            )
     frames: dict[int, np.ndarray] = {}
     n_decoded = 0
+    errors: list[str] = []
+    for group_frames, group_decoded, error in results:
+        frames.update(group_frames)
+        n_decoded += group_decoded
+        if error is not None:
+            errors.append(error)
+    if errors and not frames:
+        raise VideoDecodeError("corrupt", f"decoding failed: {errors[0]}", src.name)
+    index.warnings.extend(f"decoding stopped early: {error}" for error in errors)
+    return frames, n_decoded
+
+
+def _decode_gops(
+    src: _Source, index: VideoIndex, wanted: set[int], plan: _GopPlan, gops: set[int], *, frame_threads: bool
+) -> tuple[dict[int, np.ndarray], int, str | None]:
+    """One sequential pass over the video that sends a decoder only the packets of ``gops``.
+
+    Returns:
+        The sampled frames that decoded (``{pts: rotated RGB frame}``), how many frames the
+        decoder produced, and the FFmpeg error that stopped it early, if any.
+    """
+    needed = {g: pos for g, pos in plan.last_needed_pos.items() if g in gops}
+    mine = {int(pts) for pos, (pts, _) in enumerate(index.decode_order) if plan.gop_of_packet[pos] in needed}
+    wanted_here = wanted & mine
+    last_pos = max(needed.values(), default=-1)
+    frames: dict[int, np.ndarray] = {}
+    n_decoded = 0
+    # ``frame.to_ndarray(format=...)`` sets up a new swscale context for every frame
+    # (1.6 ms at 640x360); one reformatter per decoder reuses it (0.13 ms), same pixels.
+    to_rgb = VideoReformatter()
 
     def take(decoded: list[Any]) -> None:
         nonlocal n_decoded
         for frame in decoded:
             n_decoded += 1
-            if frame.pts in wanted and frame.pts not in frames:
-                frames[frame.pts] = _rotate(frame.to_ndarray(format="rgb24"), index.rotation_deg)
+            if frame.pts in wanted_here and frame.pts not in frames:
+                rgb = to_rgb.reformat(frame, format="rgb24").to_ndarray()
+                frames[frame.pts] = _rotate(rgb, index.rotation_deg)
 
+    error: str | None = None
     with _open_container(src) as container:
         stream = _video_stream(container, src)
         codec = stream.codec_context
-        codec.thread_type = _THREAD_TYPE
-        codec.thread_count = _THREAD_COUNT
+        codec.thread_type = "AUTO" if frame_threads else "NONE"
+        codec.thread_count = 0 if frame_threads else 1
         pos = -1
         gap = False
         sent_any = False
@@ -409,12 +518,11 @@ def _decode_pyav(src: _Source, index: VideoIndex, wanted_pts: np.ndarray) -> tup
                 if packet.size == 0 or packet.is_discard or packet.pts is None:
                     continue
                 pos += 1
-                if pos >= len(gop_of_packet):
+                if pos >= len(plan.gop_of_packet) or pos > last_pos:
                     break
-                g = gop_of_packet[pos]
-                if pos > last_needed_pos.get(g, -1):
+                if pos > needed.get(plan.gop_of_packet[pos], -1):
                     gap = True
-                    if len(frames) == len(wanted) or pos > max(last_needed_pos.values(), default=-1):
+                    if len(frames) == len(wanted_here):
                         break
                     continue
                 if gap and sent_any:
@@ -423,20 +531,14 @@ def _decode_pyav(src: _Source, index: VideoIndex, wanted_pts: np.ndarray) -> tup
                     codec.flush_buffers()
                 gap = False
                 # Non-reference frames nobody asked for need not be reconstructed at all.
-                codec.skip_frame = "DEFAULT" if packet.pts in wanted else "NONREF"
+                codec.skip_frame = "DEFAULT" if packet.pts in wanted_here else "NONREF"
                 take(codec.decode(packet))
                 sent_any = True
             if sent_any:
                 take(codec.decode(None))
         except av.error.FFmpegError as exc:
-            if not frames:
-                raise VideoDecodeError("corrupt", f"decoding failed: {exc}", src.name) from exc
-            index.warnings.append(f"decoding stopped early: {exc}")
-    return frames, n_decoded
-
-
-def _last_pos_of_gop(gop_of_packet: list[int], gop: int) -> int:
-    return max(pos for pos, g in enumerate(gop_of_packet) if g == gop)
+            error = str(exc)
+    return frames, n_decoded, error
 
 
 def _decode_decord(src: _Source, index: VideoIndex, frame_idx: np.ndarray) -> dict[int, np.ndarray]:
