@@ -128,12 +128,19 @@ def test_dry_run_prints_projected_bytes(bench: Path, tmp_path: Path, capsys: pyt
 
 @pytest.mark.ray
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("decode_tasks=1", "decode_num_cpus=0.5", "encode_num_cpus=0.5"),
+        ("decode_in_encoder=true", "encode_actors=2", "encode_num_cpus=0.5"),
+    ],
+    ids=["decode-tasks", "decode-in-encoder"],
+)
 def test_pipeline_runs_twice_second_all_hits(
-    ray_cluster: None, bench: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ray_cluster: None, bench: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: tuple[str, ...]
 ) -> None:
     from d2vlm_ray.pipelines.build_cache import build_cache
 
-    extra = ("decode_tasks=1", "decode_num_cpus=0.5", "encode_num_cpus=0.5")
     start = time.perf_counter()
     first = build_cache(_cfg(bench, tmp_path, f"manifest={bench / 'mixed.txt'}", *extra))
     first_s = time.perf_counter() - start

@@ -17,6 +17,10 @@ differ from the actors', so Ray Data does not fuse it into them); with ``num_gpu
 the stages differ anyway. Frames then travel through the object store once, which lets
 decoding of the next videos overlap encoding.
 
+With ``decode_in_encoder`` the three stages run as one, in the encoder actors
+(:class:`LookupDecodeEncode`): on CPU-only machines every core then runs one process that
+does all the work for its video, as a process pool would.
+
 A video that fails any stage becomes a row of ``failures.parquet`` / ``failures.json`` in
 the run directory with its reason (:attr:`VideoDecodeError.reason`, or ``not_found``);
 the run still finishes and writes ``summary.json``.
@@ -106,6 +110,12 @@ class BuildCacheConfig:
         encode_actors: Encoder actors in the pool.
         encode_num_cpus: CPUs reserved per encoder actor.
         num_gpus: GPUs per encoder actor (0 = encode on CPU).
+        decode_in_encoder: Look up and decode inside the encoder actors: one stage, one
+            actor per core, like a process pool. On CPU-only machines this removes the
+            decode processes that compete with the encoders for the same cores, the
+            look-up pass and the frame copies between stages. With GPU encoders leave it
+            off, so the GPU actors do not wait on decoding. ``decode_*`` and
+            ``lookup_batch_size`` do not apply when it is on.
         seed: Seed of the tiny checkpoint when one is initialised.
     """
 
@@ -125,6 +135,7 @@ class BuildCacheConfig:
     encode_actors: int = 1
     encode_num_cpus: float = 1.0
     num_gpus: float = 0.0
+    decode_in_encoder: bool = False
     seed: int = 0
 
     def validate(self) -> None:
@@ -418,6 +429,59 @@ class EncodeFrames:
         return _columns(rows)
 
 
+class LookupDecodeEncode(EncodeFrames):
+    """Ray Data actor UDF for ``decode_in_encoder``: look up, decode, encode and write per video.
+
+    Args: as :class:`EncodeFrames`, plus ``verify`` (read cached entries back instead of
+    trusting their sidecar, as ``cache.verify_existing``).
+    """
+
+    def __init__(
+        self,
+        checkpoint: str,
+        cache_kwargs: dict[str, Any],
+        fps: float,
+        max_frames: int,
+        use_gpu: bool = False,
+        verify: bool = False,
+    ) -> None:
+        super().__init__(checkpoint, cache_kwargs, fps, max_frames, use_gpu)
+        self.verify = verify
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        rows = []
+        for source in batch["source"]:
+            looked = lookup_video(
+                str(source), self.cache, fps=self.fps, max_frames=self.max_frames,
+                transform_id=self.encoder.transform_id, encoder_id=self.encoder.encoder_id, verify=self.verify,
+            )
+            if looked["status"] == "failed":
+                telemetry.decode_failure(looked["reason"], "build_cache")
+            elif looked["status"] == "cached":
+                telemetry.cache_lookup(True, 0, "build_cache")
+            if looked["status"] != "todo":
+                rows.append(_result_row(looked))
+                continue
+            decoded = decode_row(looked, fps=self.fps, max_frames=self.max_frames)
+            if decoded["status"] == "failed":
+                telemetry.decode_failure(decoded["reason"], "build_cache")
+            else:
+                telemetry.frames_decoded(len(decoded["frames"]), "build_cache")
+            row = encode_row(decoded, self.encoder, self.cache, fps=self.fps, max_frames=self.max_frames)
+            if row["status"] == "computed":
+                telemetry.latency_ms("encode", 1000.0 * float(row["encode_s"]))
+                telemetry.cache_lookup(False, int(row["bytes"]), "build_cache")
+            rows.append(row)
+        return _columns(rows)
+
+
+def _result_row(looked: dict[str, Any]) -> dict[str, Any]:
+    """A look-up row (``cached`` or ``failed``) in the shape :func:`encode_row` returns."""
+    out = {name: looked.get(name, "") for name in ("source", "status", "stage", "reason", "message", "digest")}
+    out.update(n_frames=0, bytes=0, decode_s=0.0, encode_s=0.0)
+    return out
+
+
 # --- driver ----------------------------------------------------------------------------
 
 
@@ -544,50 +608,69 @@ def build_cache(cfg: BuildCacheConfig) -> dict[str, Any]:
                 cfg.cache.root, ids["encoder_id"])
     stage_s: dict[str, float] = {}
 
-    t0 = time.perf_counter()
-    looked = [_plain(r) for r in ray.data.from_items([{"source": s} for s in sources]).map_batches(
-        _lookup_batch,
-        batch_size=cfg.lookup_batch_size,
-        compute=TaskPoolStrategy(size=cfg.decode_tasks),
-        num_cpus=cfg.decode_num_cpus,
-        fn_kwargs={"cache_kwargs": cache_kwargs, "fps": cfg.fps, "max_frames": cfg.max_frames,
-                   "verify": cfg.cache.verify_existing, **ids},
-    ).take_all()] if sources else []
-    stage_s["lookup"] = time.perf_counter() - t0
-    todo = [r for r in looked if r["status"] == "todo"]
-    hits = sum(r["status"] == "cached" for r in looked)
-    failed_rows = [r for r in looked if r["status"] == "failed"]
-    logger.info("lookup: %d cached, %d to compute, %d failed (%.1f s)", hits, len(todo), len(failed_rows),
-                stage_s["lookup"])
-
-    t0 = time.perf_counter()
-    results: list[dict[str, Any]] = []
-    if todo:
-        items = [{k: r[k] for k in ("source", "sha256", "digest", "status", "stage", "reason", "message")}
-                 for r in todo]
-        decoded = ray.data.from_items(items).map_batches(
-            _decode_batch,
-            batch_size=1,
-            compute=TaskPoolStrategy(size=cfg.decode_tasks),
-            num_cpus=cfg.decode_num_cpus,
-            memory=cfg.decode_memory_bytes or None,
-            fn_kwargs={"fps": cfg.fps, "max_frames": cfg.max_frames},
-        )
-        encoded = decoded.map_batches(
-            EncodeFrames,
+    actor_kwargs = {"checkpoint": str(ckpt), "cache_kwargs": cache_kwargs, "fps": cfg.fps,
+                    "max_frames": cfg.max_frames, "use_gpu": cfg.num_gpus > 0}
+    if cfg.decode_in_encoder:
+        t0 = time.perf_counter()
+        rows = [_plain(r) for r in ray.data.from_items([{"source": s} for s in sources]).map_batches(
+            LookupDecodeEncode,
             batch_size=1,
             compute=ActorPoolStrategy(size=cfg.encode_actors),
             num_cpus=cfg.encode_num_cpus,
             num_gpus=cfg.num_gpus or None,
-            fn_constructor_kwargs={"checkpoint": str(ckpt), "cache_kwargs": cache_kwargs, "fps": cfg.fps,
-                                   "max_frames": cfg.max_frames, "use_gpu": cfg.num_gpus > 0},
-        )
-        results = [_plain(r) for r in encoded.take_all()]
-    stage_s["decode_encode_write"] = time.perf_counter() - t0
+            fn_constructor_kwargs={**actor_kwargs, "verify": cfg.cache.verify_existing},
+        ).take_all()] if sources else []
+        stage_s["lookup_decode_encode_write"] = time.perf_counter() - t0
+        hits = sum(r["status"] == "cached" for r in rows)
+        # Rows that got past the look-up (computed, or failed while decoding or encoding).
+        failed_rows = [r for r in rows if r["status"] == "failed" and r["stage"] == "lookup"]
+        results = [r for r in rows if r["status"] != "cached" and r["stage"] != "lookup"]
+        n_decoded = len(results)
+    else:
+        t0 = time.perf_counter()
+        looked = [_plain(r) for r in ray.data.from_items([{"source": s} for s in sources]).map_batches(
+            _lookup_batch,
+            batch_size=cfg.lookup_batch_size,
+            compute=TaskPoolStrategy(size=cfg.decode_tasks),
+            num_cpus=cfg.decode_num_cpus,
+            fn_kwargs={"cache_kwargs": cache_kwargs, "fps": cfg.fps, "max_frames": cfg.max_frames,
+                       "verify": cfg.cache.verify_existing, **ids},
+        ).take_all()] if sources else []
+        stage_s["lookup"] = time.perf_counter() - t0
+        todo = [r for r in looked if r["status"] == "todo"]
+        hits = sum(r["status"] == "cached" for r in looked)
+        failed_rows = [r for r in looked if r["status"] == "failed"]
+        n_decoded = len(todo)
+        logger.info("lookup: %d cached, %d to compute, %d failed (%.1f s)", hits, len(todo), len(failed_rows),
+                    stage_s["lookup"])
+
+        t0 = time.perf_counter()
+        results = []
+        if todo:
+            items = [{k: r[k] for k in ("source", "sha256", "digest", "status", "stage", "reason", "message")}
+                     for r in todo]
+            decoded = ray.data.from_items(items).map_batches(
+                _decode_batch,
+                batch_size=1,
+                compute=TaskPoolStrategy(size=cfg.decode_tasks),
+                num_cpus=cfg.decode_num_cpus,
+                memory=cfg.decode_memory_bytes or None,
+                fn_kwargs={"fps": cfg.fps, "max_frames": cfg.max_frames},
+            )
+            encoded = decoded.map_batches(
+                EncodeFrames,
+                batch_size=1,
+                compute=ActorPoolStrategy(size=cfg.encode_actors),
+                num_cpus=cfg.encode_num_cpus,
+                num_gpus=cfg.num_gpus or None,
+                fn_constructor_kwargs=actor_kwargs,
+            )
+            results = [_plain(r) for r in encoded.take_all()]
+        stage_s["decode_encode_write"] = time.perf_counter() - t0
     computed = [r for r in results if r["status"] == "computed"]
     failed_rows += [r for r in results if r["status"] == "failed"]
     logger.info("decode+encode: %d computed, %d failed (%.1f s)", len(computed),
-                sum(r["status"] == "failed" for r in results), stage_s["decode_encode_write"])
+                sum(r["status"] == "failed" for r in results), time.perf_counter() - t0)
 
     t0 = time.perf_counter()
     driver_cache = FeatureCache(cfg.cache.root, memory_bytes=0, quota_bytes=cfg.cache.quota_bytes or None,
@@ -601,7 +684,7 @@ def build_cache(cfg: BuildCacheConfig) -> dict[str, Any]:
         "malformed_records": malformed,
         "hits": hits,
         "computed": len(computed),
-        "decoded": len(todo),
+        "decoded": n_decoded,
         "failed": len(failed_rows),
         "failed_by_reason": dict(Counter(r["reason"] for r in failed_rows)),
         "frames": sum(int(r["n_frames"]) for r in computed),
