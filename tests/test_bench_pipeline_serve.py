@@ -41,8 +41,8 @@ def test_registered_and_configs_strict() -> None:
 @pytest.mark.ray
 @pytest.mark.timeout(240)
 def test_pipeline_tiny(ray_cluster: None, tmp_path: Path) -> None:
-    overrides = ["n_videos=2", "repeats=1", "warmup=0", "video_size=64", f"data_dir={tmp_path / 'videos'}",
-                 f"work_dir={tmp_path / 'work'}"]
+    overrides = ["n_videos=2", "repeats=1", "warmup=0", "video_size=64", "encoder=tiny", "encode_num_cpus=0.5",
+                 f"data_dir={tmp_path / 'videos'}", f"work_dir={tmp_path / 'work'}"]
     rc, report = _run("pipeline", tmp_path, overrides)
     result = report["result"]
     _rc_matches_checks(rc, report)
