@@ -68,6 +68,13 @@ def cache_lookup(hit: bool, nbytes: int, stage: str) -> None:
         volume.inc(nbytes, tags={"direction": "read" if hit else "write", "stage": stage})
 
 
+def cache_written(nbytes: int, stage: str) -> None:
+    """Count the bytes of a cache entry written after a miss (the miss itself is a lookup)."""
+    volume = _get("counter", "d2vlm_cache_bytes", "Feature-cache bytes read or written", ("direction", "stage"))
+    if volume is not None and nbytes > 0:
+        volume.inc(nbytes, tags={"direction": "write", "stage": stage})
+
+
 def latency_ms(stage: str, value_ms: float) -> None:
     """Observe a latency (grounding, answering, decode+encode) in milliseconds."""
     metric = _get(

@@ -83,10 +83,10 @@ from fractions import Fraction
 from typing import Any, BinaryIO
 
 import av
-from av.video.reformatter import VideoReformatter
 import numpy as np
 import torch
 import torch.nn.functional as F
+from av.video.reformatter import VideoReformatter
 
 from d2vlm_ray.types import DecodedVideo
 
@@ -481,6 +481,10 @@ def _decode_gops(
     src: _Source, index: VideoIndex, wanted: set[int], plan: _GopPlan, gops: set[int], *, frame_threads: bool
 ) -> tuple[dict[int, np.ndarray], int, str | None]:
     """One sequential pass over the video that sends a decoder only the packets of ``gops``.
+
+    Every decoder demuxes from the start instead of seeking to its first GOP: demuxing
+    is cheap (the whole index pass over the 3 600-frame benchmark clip takes 0.02 s) and
+    it does not depend on how precisely a container seeks.
 
     Returns:
         The sampled frames that decoded (``{pts: rotated RGB frame}``), how many frames the

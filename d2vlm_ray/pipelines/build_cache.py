@@ -298,6 +298,13 @@ def decode_row(row: dict[str, Any], *, fps: float, max_frames: int) -> dict[str,
     return out
 
 
+def _result_row(row: dict[str, Any]) -> dict[str, Any]:
+    """The small result row of a video that is not (or not yet) encoded: no frames, no bytes."""
+    out = {name: row.get(name, "") for name in ("source", "status", "stage", "reason", "message", "digest")}
+    out.update(n_frames=0, bytes=0, decode_s=float(row.get("decode_s", 0.0)), encode_s=0.0)
+    return out
+
+
 def encode_row(
     row: dict[str, Any], encoder: FrameEncoder, cache: FeatureCache, *, fps: float, max_frames: int
 ) -> dict[str, Any]:
@@ -308,8 +315,7 @@ def encode_row(
         ``stage``, ``reason``, ``message``, ``digest``, ``n_frames``, ``bytes``,
         ``decode_s``, ``encode_s``.
     """
-    out = {name: row.get(name, "") for name in ("source", "status", "stage", "reason", "message", "digest")}
-    out.update(n_frames=0, bytes=0, decode_s=float(row.get("decode_s", 0.0)), encode_s=0.0)
+    out = _result_row(row)
     if row.get("status") == "failed":
         return out
     start = time.perf_counter()
@@ -372,24 +378,39 @@ def _cache_kwargs(settings: CacheSettings) -> dict[str, Any]:
     }
 
 
+def _record_lookup(row: dict[str, Any]) -> None:
+    if row["status"] == "failed":
+        telemetry.decode_failure(row["reason"], "build_cache")
+    else:
+        telemetry.cache_lookup(row["status"] == "cached", 0, "build_cache")
+
+
+def _record_decode(row: dict[str, Any]) -> None:
+    if row["status"] == "failed":
+        telemetry.decode_failure(row["reason"], "build_cache")
+    else:
+        telemetry.frames_decoded(len(row["frames"]), "build_cache")
+
+
+def _record_encode(row: dict[str, Any]) -> None:
+    # The miss was counted by the look-up; only the bytes written are added here.
+    if row["status"] == "computed":
+        telemetry.latency_ms("encode", 1000.0 * float(row["encode_s"]))
+        telemetry.cache_written(int(row["bytes"]), "build_cache")
+
+
 def _lookup_batch(batch: dict[str, np.ndarray], *, cache_kwargs: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
     cache = FeatureCache(cache_kwargs["root"], **{k: v for k, v in cache_kwargs.items() if k != "root"})
     rows = [lookup_video(str(s), cache, **kwargs) for s in batch["source"]]
     for row in rows:
-        if row["status"] == "failed":
-            telemetry.decode_failure(row["reason"], "build_cache")
-        else:
-            telemetry.cache_lookup(row["status"] == "cached", 0, "build_cache")
+        _record_lookup(row)
     return _columns(rows)
 
 
 def _decode_batch(batch: dict[str, np.ndarray], *, fps: float, max_frames: int) -> dict[str, Any]:
     rows = [decode_row(_plain(row), fps=fps, max_frames=max_frames) for row in _rows(batch)]
     for row in rows:
-        if row["status"] == "failed":
-            telemetry.decode_failure(row["reason"], "build_cache")
-        else:
-            telemetry.frames_decoded(len(row["frames"]), "build_cache")
+        _record_decode(row)
     return _columns(rows)
 
 
@@ -423,9 +444,7 @@ class EncodeFrames:
             for row in _rows(batch)
         ]
         for row in rows:
-            if row["status"] == "computed":
-                telemetry.latency_ms("encode", 1000.0 * float(row["encode_s"]))
-                telemetry.cache_lookup(False, int(row["bytes"]), "build_cache")
+            _record_encode(row)
         return _columns(rows)
 
 
@@ -455,31 +474,16 @@ class LookupDecodeEncode(EncodeFrames):
                 str(source), self.cache, fps=self.fps, max_frames=self.max_frames,
                 transform_id=self.encoder.transform_id, encoder_id=self.encoder.encoder_id, verify=self.verify,
             )
-            if looked["status"] == "failed":
-                telemetry.decode_failure(looked["reason"], "build_cache")
-            elif looked["status"] == "cached":
-                telemetry.cache_lookup(True, 0, "build_cache")
+            _record_lookup(looked)
             if looked["status"] != "todo":
                 rows.append(_result_row(looked))
                 continue
             decoded = decode_row(looked, fps=self.fps, max_frames=self.max_frames)
-            if decoded["status"] == "failed":
-                telemetry.decode_failure(decoded["reason"], "build_cache")
-            else:
-                telemetry.frames_decoded(len(decoded["frames"]), "build_cache")
+            _record_decode(decoded)
             row = encode_row(decoded, self.encoder, self.cache, fps=self.fps, max_frames=self.max_frames)
-            if row["status"] == "computed":
-                telemetry.latency_ms("encode", 1000.0 * float(row["encode_s"]))
-                telemetry.cache_lookup(False, int(row["bytes"]), "build_cache")
+            _record_encode(row)
             rows.append(row)
         return _columns(rows)
-
-
-def _result_row(looked: dict[str, Any]) -> dict[str, Any]:
-    """A look-up row (``cached`` or ``failed``) in the shape :func:`encode_row` returns."""
-    out = {name: looked.get(name, "") for name in ("source", "status", "stage", "reason", "message", "digest")}
-    out.update(n_frames=0, bytes=0, decode_s=0.0, encode_s=0.0)
-    return out
 
 
 # --- driver ----------------------------------------------------------------------------
@@ -622,8 +626,8 @@ def build_cache(cfg: BuildCacheConfig) -> dict[str, Any]:
         ).take_all()] if sources else []
         stage_s["lookup_decode_encode_write"] = time.perf_counter() - t0
         hits = sum(r["status"] == "cached" for r in rows)
-        # Rows that got past the look-up (computed, or failed while decoding or encoding).
         failed_rows = [r for r in rows if r["status"] == "failed" and r["stage"] == "lookup"]
+        # Rows that got past the look-up (computed, or failed while decoding or encoding).
         results = [r for r in rows if r["status"] != "cached" and r["stage"] != "lookup"]
         n_decoded = len(results)
     else:
