@@ -204,10 +204,33 @@ def test_events_tint_the_background_with_the_actor_colour(scenes: list[S.Scene])
                     if not any(e.start_s <= t < e.end_s for e in scene.events))
     assert tuple(_background_rgb(S.render_frame(scene, float(idle_t_s), size=64))) == S.BACKGROUND_RGB
     for event in scene.events:
-        seen = _background_rgb(S.render_frame(scene, (event.start_s + event.end_s) / 2, size=64))
-        colour = np.asarray(S.COLOUR_RGB[event.before.colour])
-        expected = np.asarray(S.BACKGROUND_RGB) + S.TINT_FRACTION * (colour - np.asarray(S.BACKGROUND_RGB))
-        assert np.abs(seen - expected).max() <= 1
+        if event.kind == "move":
+            continue
+        frame = S.render_frame(scene, (event.start_s + event.end_s) / 2, size=64)
+        for half, colour in ((frame[:32], event.before.colour), (frame[32:], event.after.colour)):
+            rgb = np.asarray(S.COLOUR_RGB[colour])
+            expected = np.asarray(S.BACKGROUND_RGB) + S.TINT_FRACTION * (rgb - np.asarray(S.BACKGROUND_RGB))
+            assert np.abs(_background_rgb(half) - expected).max() <= 1
+
+
+def test_turns_and_moves_show_their_outcome_frame_wide() -> None:
+    scenes = S.plan_benchmark(40, seed=0)
+    turns = [(s, e) for s in scenes for e in s.events if e.kind == "turn"]
+    moves = [(s, e) for s in scenes for e in s.events if e.kind == "move"]
+    assert turns and moves
+    for scene, event in turns:
+        background = S.background_at(scene, (event.start_s + event.end_s) / 2, 64)
+        lower_rgb = np.asarray(S.BACKGROUND_RGB) + S.TINT_FRACTION * (
+            np.asarray(S.COLOUR_RGB[event.after.colour]) - np.asarray(S.BACKGROUND_RGB)
+        )
+        assert np.allclose(background[40], lower_rgb)
+    for scene, event in moves:
+        background = S.background_at(scene, (event.start_s + event.end_s) / 2, 64).mean(axis=2)  # [H, W]
+        dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[event.direction]
+        far = background[:, -1] if dx > 0 else background[:, 0] if dx < 0 else background[-1] if dy > 0 else background[0]
+        near = background[:, 0] if dx > 0 else background[:, -1] if dx < 0 else background[0] if dy > 0 else background[-1]
+        # Pixel centres of opposite edges lie 63/64 of the side apart along the motion.
+        assert np.allclose(far - near, 2 * S.MOVE_RAMP * 255 * 63 / 64)
 
 
 def test_the_planner_prefers_objects_that_have_not_acted(monkeypatch: pytest.MonkeyPatch) -> None:
