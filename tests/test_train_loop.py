@@ -307,3 +307,21 @@ def test_deepspeed_config_and_bad_configs() -> None:
         load_config(SFTJobConfig, CONFIGS / "sft_tiny.yaml", ["optim.micro_batch_size=0"])
     with pytest.raises(ConfigError, match="data.train"):
         from_dict(SFTJobConfig, {})
+
+
+def test_task_repeats_oversample_sft_records_and_are_validated(tmp_path: Path) -> None:
+    from d2vlm_ray.data import synthetic as S
+    from d2vlm_ray.data.annotations import write_evi_json
+    from d2vlm_ray.train.data import load_sft_records
+
+    records = [r for scene in S.plan_benchmark(6, seed=0) for r in S.scene_records(scene, tasks=("tvg", "gqa"))]
+    path = tmp_path / "train.json"
+    write_evi_json(records, path)
+    loaded = load_sft_records(str(path), task_repeats={"gqa": 3})
+    n_gqa = sum(r.task == "gqa" for r in records)
+    assert n_gqa and len(loaded) == len(records) + 2 * n_gqa
+    assert [r.sample_id for r in loaded if r.task == "tvg"] == [r.sample_id for r in records if r.task == "tvg"]
+    with pytest.raises(ConfigError, match="data.task_repeats.gqa"):
+        load_config(SFTJobConfig, CONFIGS / "sft_tiny.yaml", ["data.task_repeats.gqa=0"])
+    with pytest.raises(ConfigError, match="task_repeats"):
+        load_config(FPOJobConfig, CONFIGS / "fpo_tiny.yaml", ["data.task_repeats.gqa=2"])

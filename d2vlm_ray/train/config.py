@@ -50,6 +50,9 @@ class DataSettings:
         fps: Frame sampling rate (official 1).
         max_frames: Frame cap per video (0 = none).
         tasks: Keep only these task codes (SFT; empty = all).
+        task_repeats: SFT: how many times each record of a task appears per epoch
+            (e.g. ``{gqa: 2}`` oversamples a task that is rare in the annotations); tasks
+            not named appear once.
         max_samples: Use at most this many training samples (0 = all), for smoke runs.
         max_text_tokens: Q-Former question tokens kept.
     """
@@ -64,6 +67,7 @@ class DataSettings:
     fps: float = 1.0
     max_frames: int = 0
     tasks: list[str] = field(default_factory=list)
+    task_repeats: dict[str, int] = field(default_factory=dict)
     max_samples: int = 0
     max_text_tokens: int = 256
 
@@ -240,6 +244,9 @@ class TrainJobConfig:
             raise ConfigError("data.fps must be > 0")
         if self.data.max_frames < 0 or self.data.max_samples < 0:
             raise ConfigError("data.max_frames and data.max_samples must be >= 0")
+        for task, repeats in self.data.task_repeats.items():
+            if repeats < 1:
+                raise ConfigError(f"data.task_repeats.{task}: expected a whole number >= 1, got {repeats!r}")
         o = self.optim
         if o.micro_batch_size < 1 or o.grad_accum < 1:
             raise ConfigError("optim.micro_batch_size and optim.grad_accum must be >= 1")
@@ -293,8 +300,10 @@ class FPOJobConfig(TrainJobConfig):
     def validate(self) -> None:
         """As for SFT; FPO additionally expects preference pairs (Parquet) as ``data.train``."""
         super().validate()
-        if self.data.tasks:
-            raise ConfigError("data.tasks: task filtering applies to SFT annotations, not to preference pairs")
+        if self.data.tasks or self.data.task_repeats:
+            raise ConfigError(
+                "data.tasks / data.task_repeats: task selection applies to SFT annotations, not to preference pairs"
+            )
 
 
 CONFIG_CLASSES: dict[str, type[TrainJobConfig]] = {"sft": SFTJobConfig, "fpo": FPOJobConfig}

@@ -172,9 +172,17 @@ def mapping_features(features: Mapping[str, CachedFeatures]) -> FeatureFn:
 
 
 def load_sft_records(
-    path: str, *, video_root: str = "", tasks: Sequence[str] = (), max_samples: int = 0
+    path: str,
+    *,
+    video_root: str = "",
+    tasks: Sequence[str] = (),
+    max_samples: int = 0,
+    task_repeats: Mapping[str, int] | None = None,
 ) -> list[VideoRecord]:
     """Read an ``evi.json`` file into training records (those with a response).
+
+    ``max_samples`` applies before ``task_repeats``, which lists each record of a named
+    task that many times in a row (the trainer shuffles).
 
     Raises:
         ValueError: If no usable record remains (the message names ``data.train``).
@@ -185,7 +193,8 @@ def load_sft_records(
         records = records[:max_samples]
     if not records:
         raise ValueError(f"data.train: no training records with a response in {path!r} (tasks={list(tasks)})")
-    return records
+    repeats = task_repeats or {}
+    return [r for r in records for _ in range(repeats.get(r.task, 1))]
 
 
 def record_rows(records: Sequence[VideoRecord]) -> list[dict[str, Any]]:

@@ -111,7 +111,11 @@ def local_rows(cfg: TrainJobConfig, stage: str) -> list[dict[str, Any]]:
 
     if stage == "sft":
         records = load_sft_records(
-            cfg.data.train, video_root=cfg.data.video_root, tasks=cfg.data.tasks, max_samples=cfg.data.max_samples
+            cfg.data.train,
+            video_root=cfg.data.video_root,
+            tasks=cfg.data.tasks,
+            max_samples=cfg.data.max_samples,
+            task_repeats=cfg.data.task_repeats,
         )
         return record_rows(records)
     return [p.to_dict() for p in load_pairs(cfg.data.train, video_root=cfg.data.video_root)]

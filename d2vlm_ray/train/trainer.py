@@ -225,7 +225,11 @@ def _dataset(cfg: TrainJobConfig, stage: str) -> Any:
         from d2vlm_ray.train.data import load_sft_records, record_rows
 
         records = load_sft_records(
-            cfg.data.train, video_root=cfg.data.video_root, tasks=cfg.data.tasks, max_samples=cfg.data.max_samples
+            cfg.data.train,
+            video_root=cfg.data.video_root,
+            tasks=cfg.data.tasks,
+            max_samples=cfg.data.max_samples,
+            task_repeats=cfg.data.task_repeats,
         )
         return ray.data.from_items(record_rows(records)).materialize()
     return ray.data.read_parquet(cfg.data.train).materialize()
