@@ -62,7 +62,9 @@ class QuickstartConfig:
         fpo_lr: Learning rate of non-LoRA trainables in FPO.
         fpo_lora_lr: Learning rate of LoRA weights in FPO.
         fpo_batch_size: Pairs per FPO step per worker.
-        grad_clip: Global gradient-norm clip of both stages (0 = off).
+        sft_task_repeats: Times each SFT record of a task appears per epoch (oversampling).
+        sft_grad_clip: Global gradient-norm clip of SFT (0 = off).
+        fpo_grad_clip: Global gradient-norm clip of FPO (0 = off).
         train_workers: Ray Train workers (DeepSpeed ranks).
         pair_variants: Rejected variants per chosen sample.
         eval_tasks: Test-split tasks the three models are evaluated on.
@@ -96,7 +98,13 @@ class QuickstartConfig:
     fpo_lr: float = 3e-3
     fpo_lora_lr: float = 3e-3
     fpo_batch_size: int = 2
-    grad_clip: float = 1.0
+    # Grounded QA (gqa) is a sixth of the SFT records and its answer is one token that only
+    # the injected evidence can give. In-process SFT on the gqa questions alone learnt that
+    # read-out (teacher-forced option accuracy 0.71 after 600 steps); mixed with tvg and dvc
+    # at clip 1.0 it stayed at 0.35 after 1200 steps, at clip 5.0 reached 0.47.
+    sft_task_repeats: dict[str, int] = field(default_factory=lambda: {"gqa": 2})
+    sft_grad_clip: float = 5.0
+    fpo_grad_clip: float = 1.0
     train_workers: int = 2
     pair_variants: int = 1
     eval_tasks: list[str] = field(default_factory=lambda: ["tvg", "dvc", "gqa"])
@@ -139,10 +147,10 @@ class Stages:
 def _train_config(cfg: QuickstartConfig, stage: str, out: Path, init_from: str, data: dict[str, Any]) -> Any:
     from d2vlm_ray.train.config import config_from_dict
 
-    steps, lr, lora_lr, batch = (
-        (cfg.sft_steps, cfg.sft_lr, cfg.sft_lora_lr, cfg.sft_batch_size)
+    steps, lr, lora_lr, batch, clip = (
+        (cfg.sft_steps, cfg.sft_lr, cfg.sft_lora_lr, cfg.sft_batch_size, cfg.sft_grad_clip)
         if stage == "sft"
-        else (cfg.fpo_steps, cfg.fpo_lr, cfg.fpo_lora_lr, cfg.fpo_batch_size)
+        else (cfg.fpo_steps, cfg.fpo_lr, cfg.fpo_lora_lr, cfg.fpo_batch_size, cfg.fpo_grad_clip)
     )
     return config_from_dict(
         stage,
@@ -159,7 +167,7 @@ def _train_config(cfg: QuickstartConfig, stage: str, out: Path, init_from: str, 
                 "micro_batch_size": batch,
                 "max_steps": steps,
                 "warmup_ratio": 0.03,
-                "max_grad_norm": cfg.grad_clip,
+                "max_grad_norm": clip,
             },
             "scaling": {"num_workers": cfg.train_workers, "use_gpu": False, "cpus_per_worker": 1.0, "zero_stage": 2},
             "checkpoint": {"every_n_steps": max(steps, 1), "save_mode": "merged", "num_to_keep": 1},
@@ -339,7 +347,12 @@ def run(cfg: QuickstartConfig, preset: str) -> dict[str, Any]:
                     "sft",
                     out,
                     str(init_ckpt),
-                    {"train": str(ann["train"]), "video_root": str(synth), "tasks": cfg.sft_tasks},
+                    {
+                        "train": str(ann["train"]),
+                        "video_root": str(synth),
+                        "tasks": cfg.sft_tasks,
+                        "task_repeats": cfg.sft_task_repeats,
+                    },
                 )
             ),
         )
