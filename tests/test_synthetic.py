@@ -198,6 +198,12 @@ def _background_rgb(frame: np.ndarray) -> np.ndarray:
     return colours[counts.argmax()].astype(int)
 
 
+def _tint(colour: str) -> np.ndarray:
+    """The background colour an event tints toward ``colour``."""
+    background = np.asarray(S.BACKGROUND_RGB, dtype=np.float64)
+    return background + S.TINT_FRACTION * (np.asarray(S.COLOUR_RGB[colour]) - background)
+
+
 def test_events_tint_the_background_with_the_actor_colour(scenes: list[S.Scene]) -> None:
     scene = scenes[0]
     idle_t_s = next(t for t in np.arange(0.0, scene.duration_s, 0.5)
@@ -208,9 +214,7 @@ def test_events_tint_the_background_with_the_actor_colour(scenes: list[S.Scene])
             continue
         frame = S.render_frame(scene, (event.start_s + event.end_s) / 2, size=64)
         for half, colour in ((frame[:32], event.before.colour), (frame[32:], event.after.colour)):
-            rgb = np.asarray(S.COLOUR_RGB[colour])
-            expected = np.asarray(S.BACKGROUND_RGB) + S.TINT_FRACTION * (rgb - np.asarray(S.BACKGROUND_RGB))
-            assert np.abs(_background_rgb(half) - expected).max() <= 1
+            assert np.abs(_background_rgb(half) - _tint(colour)).max() <= 1
 
 
 def test_turns_and_moves_show_their_outcome_frame_wide() -> None:
@@ -220,15 +224,17 @@ def test_turns_and_moves_show_their_outcome_frame_wide() -> None:
     assert turns and moves
     for scene, event in turns:
         background = S.background_at(scene, (event.start_s + event.end_s) / 2, 64)
-        lower_rgb = np.asarray(S.BACKGROUND_RGB) + S.TINT_FRACTION * (
-            np.asarray(S.COLOUR_RGB[event.after.colour]) - np.asarray(S.BACKGROUND_RGB)
-        )
-        assert np.allclose(background[40], lower_rgb)
+        assert np.allclose(background[40], _tint(event.after.colour))
     for scene, event in moves:
         background = S.background_at(scene, (event.start_s + event.end_s) / 2, 64).mean(axis=2)  # [H, W]
-        dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[event.direction]
-        far = background[:, -1] if dx > 0 else background[:, 0] if dx < 0 else background[-1] if dy > 0 else background[0]
-        near = background[:, 0] if dx > 0 else background[:, -1] if dx < 0 else background[0] if dy > 0 else background[-1]
+        # (far edge, near edge) of the frame for each direction of motion.
+        edges = {
+            "right": (background[:, -1], background[:, 0]),
+            "left": (background[:, 0], background[:, -1]),
+            "down": (background[-1], background[0]),
+            "up": (background[0], background[-1]),
+        }
+        far, near = edges[event.direction]
         # Pixel centres of opposite edges lie 63/64 of the side apart along the motion.
         assert np.allclose(far - near, 2 * S.MOVE_RAMP * 255 * 63 / 64)
 
