@@ -109,7 +109,8 @@ class QuickstartConfig:
     # after SFT 0.728 without the repeat, 0.495 with it), so tvg is listed twice as well, and
     # SFT runs 2800 steps. Runs are not bit-reproducible: with gqa twice, one of three runs
     # missed the colour read-out (gqa 0.256 with injection, 0.171 without); with gqa three
-    # times both runs learnt it (seed 0: 0.341 / 0.116, seed 1: 0.323 / 0.169).
+    # times, two of four (seed 0: 0.341 / 0.116 and again 0.213 / 0.152; seed 1: 0.323 /
+    # 0.169; seed 2: 0.242 / 0.161).
     sft_task_repeats: dict[str, int] = field(default_factory=lambda: {"tvg": 2, "gqa": 3})
     sft_grad_clip: float = 5.0
     fpo_grad_clip: float = 1.0
