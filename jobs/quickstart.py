@@ -31,7 +31,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -168,7 +168,8 @@ def _train_config(cfg: QuickstartConfig, stage: str, out: Path, init_from: str, 
             "output_dir": str(out / "train"),
             "init_from": init_from,
             "seed": cfg.seed,
-            "model": {"preset": "tiny"},
+            # The weights come from init_from; the LoRA settings come from here.
+            "model": {"preset": "tiny", "lora": asdict(cfg.model.lora)},
             "data": {"fps": cfg.fps, "max_frames": cfg.max_frames, "cache_dir": str(out / "feature_cache"), **data},
             "optim": {
                 "lr": lr,

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from d2vlm_ray.config import from_dict
-from jobs.quickstart import SMOKE, QuickstartConfig, main, run
+from jobs.quickstart import SMOKE, QuickstartConfig, _train_config, main, run
 
 
 def _scrape(port: int, wanted: dict[str, str], timeout_s: float = 60.0) -> set[str]:
@@ -56,3 +56,10 @@ def test_smoke_quickstart_runs_every_stage(ray_cluster: None, ray_metrics_port: 
 def test_a_bad_override_is_a_config_error_not_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["fpo_lr=fast"]) == 2
     assert "config error: fpo_lr: expected a float" in capsys.readouterr().err
+
+
+def test_model_lora_overrides_reach_both_training_stages(tmp_path) -> None:
+    cfg = from_dict(QuickstartConfig, {"out_dir": str(tmp_path), "model": {"lora": {"r": 4, "tuning_mode": "heads"}}})
+    for stage in ("sft", "fpo"):
+        lora = _train_config(cfg, stage, tmp_path, str(tmp_path / "init"), {"train": "x.json"}).model.lora
+        assert (lora.r, lora.tuning_mode) == (4, "heads")
