@@ -321,6 +321,8 @@ def test_task_repeats_oversample_sft_records_and_are_validated(tmp_path: Path) -
     n_gqa = sum(r.task == "gqa" for r in records)
     assert n_gqa and len(loaded) == len(records) + 2 * n_gqa
     assert [r.sample_id for r in loaded if r.task == "tvg"] == [r.sample_id for r in records if r.task == "tvg"]
+    with pytest.raises(ValueError, match=r"data.task_repeats: no training record has task \['gqq'\]"):
+        load_sft_records(str(path), task_repeats={"gqq": 3})
     with pytest.raises(ConfigError, match="data.task_repeats.gqa"):
         load_config(SFTJobConfig, CONFIGS / "sft_tiny.yaml", ["data.task_repeats.gqa=0"])
     with pytest.raises(ConfigError, match="task_repeats"):

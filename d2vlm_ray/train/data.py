@@ -185,7 +185,9 @@ def load_sft_records(
     task that many times in a row (the trainer shuffles).
 
     Raises:
-        ValueError: If no usable record remains (the message names ``data.train``).
+        ValueError: If no usable record remains (the message names ``data.train``), or
+            ``task_repeats`` names a task no record of the file has (a typo would otherwise
+            do nothing).
     """
     result = read_evi_json(path, video_root=video_root or None, on_error="skip")
     records = [r for r in result.records if r.answer and (not tasks or r.task in tasks)]
@@ -194,6 +196,10 @@ def load_sft_records(
     if not records:
         raise ValueError(f"data.train: no training records with a response in {path!r} (tasks={list(tasks)})")
     repeats = task_repeats or {}
+    # Checked against the whole file, so that a small max_samples cut is not an error.
+    unknown = sorted(set(repeats) - {r.task for r in result.records})
+    if unknown:
+        raise ValueError(f"data.task_repeats: no training record has task {unknown} in {path!r}")
     return [r for r in records for _ in range(repeats.get(r.task, 1))]
 
 

@@ -41,7 +41,7 @@ from d2vlm_ray.train.checkpointing import MODEL_DIR, restore_training_checkpoint
 from d2vlm_ray.train.config import TrainJobConfig, config_from_dict
 from d2vlm_ray.train.loop import Loop
 from d2vlm_ray.train.metrics import MetricsWriter, append_samples, format_metrics, read_jsonl
-from d2vlm_ray.train.session import build_session, prepare_init, resolve_paths, run_dir_of
+from d2vlm_ray.train.session import build_session, local_rows, prepare_init, resolve_paths, run_dir_of
 
 logger = logging.getLogger("d2vlm_ray.train")
 
@@ -222,16 +222,7 @@ def _dataset(cfg: TrainJobConfig, stage: str) -> Any:
     import ray.data
 
     if stage == "sft":
-        from d2vlm_ray.train.data import load_sft_records, record_rows
-
-        records = load_sft_records(
-            cfg.data.train,
-            video_root=cfg.data.video_root,
-            tasks=cfg.data.tasks,
-            max_samples=cfg.data.max_samples,
-            task_repeats=cfg.data.task_repeats,
-        )
-        return ray.data.from_items(record_rows(records)).materialize()
+        return ray.data.from_items(local_rows(cfg, stage)).materialize()
     return ray.data.read_parquet(cfg.data.train).materialize()
 
 
