@@ -492,28 +492,33 @@ def _gqa_records(scene: Scene, rng: random.Random, max_queries: int) -> list[Vid
     frame-wide, so the frozen tiny encoder can see it. A question about what an object did
     next would ask for the kind of its next event, which no frame-wide cue shows.
     """
-    candidates: list[tuple[str, int, str, tuple[str, ...], int]] = []
+    candidates: list[tuple[str, int, tuple[str, ...], int]] = []
     keys: list[str] = []
     for i, event in enumerate(scene.events):
         name = f"the {event.before.colour} {scene.shapes[event.obj_idx]}"
         if event.kind == "turn":
             question = f"What colour did {name} turn?"
             options, answer_idx = _options(rng, event.after.colour, tuple(COLOUR_RGB))
-            candidates.append((question, i, f"it turned {event.after.colour}", options, answer_idx))
+            candidates.append((question, i, options, answer_idx))
             keys.append(question)
         elif event.kind == "move":
             question = f"Which direction did {name} move?"
             options, answer_idx = _options(rng, event.direction, DIRECTION_NAMES)
-            candidates.append((question, i, f"it moved {event.direction}", options, answer_idx))
+            candidates.append((question, i, options, answer_idx))
             keys.append(question)
     unique = [c for c, key in zip(candidates, keys) if keys.count(key) == 1]
     chosen = sorted(rng.sample(range(len(unique)), min(max_queries, len(unique))))
     out = []
     for k, c_idx in enumerate(chosen):
-        question, event_idx, sentence, options, answer_idx = unique[c_idx]
+        question, event_idx, options, answer_idx = unique[c_idx]
         event = scene.events[event_idx]
         query = f"{question} Answer with the time of the evidence."
-        answer = grounding_response(1, ["At ", EVI, f", {sentence}."])
+        # The answer word comes right after the answer's <evi>, where the event's frame
+        # features are injected, so the tiny LM reads it off at the same position. With
+        # the word four tokens later ("At <evi>, it turned red.") it had to learn an
+        # attention hop first, which the quickstart's SFT budget learnt in only some seeds
+        # even though a linear probe reads the answer off the injected vector in all.
+        answer = grounding_response(1, ["At ", EVI, f" {options[answer_idx]}."])
         out.append(
             _record(
                 scene, "gqa", k, query, [(event.start_s, event.end_s)], answer, options=options, answer_idx=answer_idx
