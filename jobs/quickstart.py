@@ -104,10 +104,10 @@ class QuickstartConfig:
     # Grounded QA (gqa) is a quarter of the SFT records (484 of 1949 at seed 0) and its
     # answer word only the injected evidence can give; listing it twice per epoch gives SFT
     # enough of them, and tvg is listed twice so grounding keeps its share of the steps.
-    # Before the gqa answer word sat right after its <evi>, half the runs missed that
-    # read-out even with gqa three times and 2800 SFT steps. Since, 2800 steps made SFT so
-    # good on the held-out pairs (0.787) that FPO's gain fell short of 0.10 (seed 1: 0.858),
-    # and the run took 906 s; 2200 steps leave FPO its headroom and the run its time.
+    # Before the gqa answer word sat right after its <evi>, three of seven runs missed that
+    # read-out even with gqa three times and 2800 SFT steps. With the word there, 2800 steps
+    # made SFT so good on the held-out pairs (seed 1: 0.787) that FPO gained only 0.071, and
+    # the run took 906 s; 2200 steps leave FPO its headroom and the run within its time.
     sft_task_repeats: dict[str, int] = field(default_factory=lambda: {"tvg": 2, "gqa": 2})
     sft_grad_clip: float = 5.0
     fpo_grad_clip: float = 1.0
