@@ -121,7 +121,8 @@ def test_task_contents(records: list[VideoRecord], scenes: list[S.Scene]) -> Non
         if record.task == "gqa":
             assert len(record.spans_s) == 1 and record.answer_idx is not None
             assert len(record.options) == 4 and len(set(record.options)) == 4
-            assert record.options[record.answer_idx] in record.answer
+            # The answer word sits right after the answer's <evi>, where the evidence is injected.
+            assert record.answer == f"<evi></evi>At <evi> {record.options[record.answer_idx]}."
 
 
 def test_tvg_queries_name_a_unique_event(scenes: list[S.Scene]) -> None:

@@ -516,8 +516,9 @@ def _gqa_records(scene: Scene, rng: random.Random, max_queries: int) -> list[Vid
         # The answer word comes right after the answer's <evi>, where the event's frame
         # features are injected, so the tiny LM reads it off at the same position. With
         # the word four tokens later ("At <evi>, it turned red.") it had to learn an
-        # attention hop first, which the quickstart's SFT budget learnt in only some seeds
-        # even though a linear probe reads the answer off the injected vector in all.
+        # attention hop first, which the quickstart's SFT budget learnt in only some runs,
+        # although a linear probe read the answer off the injected vector of a run that
+        # missed it as well.
         answer = grounding_response(1, ["At ", EVI, f" {options[answer_idx]}."])
         out.append(
             _record(
