@@ -279,7 +279,7 @@ def _bars(summary: dict[str, Any]) -> dict[str, bool]:
         "fpo_raises_preference_accuracy_by_0.10": pref["sft_fpo"] - pref["sft"] >= 0.10,
         "fpo_keeps_R@0.5_within_0.05": fpo >= sft - 0.05,
         "gqa_drops_by_0.15_without_injection": (inj["with"] or 0.0) - (inj["without"] or 0.0) >= 0.15,
-        "finishes_within_time_limit": summary["wall_seconds"] <= TIME_LIMIT_S.get(summary["preset"], float("inf")),
+        "finishes_within_time_limit": summary["wall_seconds"] <= TIME_LIMIT_S[summary["preset"]],
     }
 
 
