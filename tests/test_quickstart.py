@@ -40,7 +40,9 @@ def test_smoke_quickstart_runs_every_stage(ray_cluster: None, ray_metrics_port: 
         assert any(stage in name for name in stages), stage
     on_disk = json.loads((tmp_path / "qs" / "summary.json").read_text())
     assert on_disk["bars"].keys() == summary["bars"].keys()
-    assert summary["wall_seconds"] >= summary["total_seconds"] > 0
+    # Each stage time and the wall clock are rounded to 0.1 s, so their sum may exceed it by that much.
+    rounding_s = 0.05 * (len(stages) + 1)
+    assert summary["wall_seconds"] >= summary["total_seconds"] - rounding_s > 0
     assert (tmp_path / "qs" / "eval" / "sft_fpo" / "summary.md").is_file()
     # The run's custom metrics reached the dashboard's Prometheus export.
     wanted = {
