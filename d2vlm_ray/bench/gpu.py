@@ -37,6 +37,7 @@ counted at its real length), batch sizes ``gen_batch_sizes``: new tokens per sec
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import statistics
@@ -383,7 +384,7 @@ def run(cfg: Config) -> dict[str, Any]:
         **{f"gen_tokens_per_s_b{b}": g["tokens_per_s"] for b, g in generation.items()},
     }
     checks = {
-        "finite_losses": all(x == x and abs(x) != float("inf") for x in losses),
+        "finite_losses": all(math.isfinite(x) for x in losses),
         "generated_tokens": all(g["new_tokens"] > 0 for g in generation.values()),
     }
     return {"device": device_name, "params": params, "train": train, "generation": generation,

@@ -89,7 +89,7 @@ DETERMINERS: frozenset[str] = frozenset(
 # Words a determiner can be followed by that are not the noun (kept simple on purpose).
 _NON_NOUNS: frozenset[str] = frozenset(
     {"same", "other", "first", "second", "third", "last", "next", "few", "lot", "little", "new", "old",
-     "small", "large", "big", "long", "short", "few", "way", "end", "start", "video", "camera", "scene",
+     "small", "large", "big", "long", "short", "way", "end", "start", "video", "camera", "scene",
      "moment", "time", "event", "events", "one", "two", "three"}
 ) - frozenset(OBJECT_WORDS)
 
