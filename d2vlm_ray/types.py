@@ -120,7 +120,11 @@ class DecodedVideo:
         source_fps: Average frame rate of the source stream.
         width: Width of the decoded frames (after rotation).
         height: Height of the decoded frames (after rotation).
-        warnings: Non-fatal problems met while decoding (e.g. frames that failed).
+        warnings: Non-fatal problems met while decoding, human-readable (which frames
+            were lost and why, suspect metadata, ...). Every consumer that stores or
+            returns the features carries these along.
+        missing_timestamps_s: Presentation times (relative, like ``timestamps_s``) of the
+            sampled frames that could not be decoded and are absent from ``frames``.
     """
 
     frames: np.ndarray
@@ -130,6 +134,17 @@ class DecodedVideo:
     width: int
     height: int
     warnings: list[str] = field(default_factory=list)
+    missing_timestamps_s: list[float] = field(default_factory=list)
+
+    @property
+    def n_sampled(self) -> int:
+        """Frames the sampling rule asked for: the decoded ones plus the missing ones."""
+        return int(len(self.timestamps_s)) + len(self.missing_timestamps_s)
+
+    @property
+    def missing_fraction(self) -> float:
+        """Share of the sampled frames that could not be decoded, in ``[0, 1]``."""
+        return len(self.missing_timestamps_s) / self.n_sampled if self.n_sampled else 0.0
 
 
 @runtime_checkable

@@ -90,7 +90,7 @@ from av.video.reformatter import VideoReformatter
 
 from d2vlm_ray.types import DecodedVideo
 
-REASONS = ("not_found", "no_video_stream", "corrupt", "empty", "too_long", "unsupported")
+REASONS = ("not_found", "no_video_stream", "corrupt", "empty", "too_long", "unsupported", "partial_decode")
 """Every value :attr:`VideoDecodeError.reason` can take."""
 
 BACKENDS = ("auto", "pyav", "decord")
@@ -590,6 +590,37 @@ def _downscale(frames: np.ndarray, max_side: int) -> np.ndarray:
     return out
 
 
+def check_missing_frames(video: DecodedVideo, max_missing_frames_fraction: float, source: str) -> DecodedVideo:
+    """Enforce the partial-decode policy: too many lost frames is an error, not a warning.
+
+    Args:
+        video: A decoded video; its ``missing_timestamps_s`` lists the lost samples.
+        max_missing_frames_fraction: Largest share of sampled frames that may be missing
+            (``0`` accepts only complete decodes, ``1`` accepts any partial decode).
+        source: The path or URL, for the error.
+
+    Returns:
+        ``video`` unchanged when the share is within the limit (its warnings still say
+        what was lost).
+
+    Raises:
+        VideoDecodeError: ``partial_decode`` when more than the allowed share is missing.
+        ValueError: If the limit is outside ``[0, 1]``.
+    """
+    if not 0.0 <= max_missing_frames_fraction <= 1.0:
+        raise ValueError(f"max_missing_frames_fraction must be in [0, 1], got {max_missing_frames_fraction!r}")
+    if video.missing_fraction > max_missing_frames_fraction + _TIME_EPS_S:
+        lost = ", ".join(f"{t:.3f}" for t in video.missing_timestamps_s[:10])
+        more = "" if len(video.missing_timestamps_s) <= 10 else ", ..."
+        raise VideoDecodeError(
+            "partial_decode",
+            f"{len(video.missing_timestamps_s)} of {video.n_sampled} sampled frames could not be decoded "
+            f"(at {lost}{more} s), more than max_missing_frames_fraction={max_missing_frames_fraction}",
+            source,
+        )
+    return video
+
+
 def probe_video(source: str) -> VideoIndex:
     """Run the index pass only: frame times, duration, rate, size, rotation.
 
@@ -699,5 +730,6 @@ def decode_video_counted(
         width=int(frames.shape[2]),
         height=int(frames.shape[1]),
         warnings=warnings,
+        missing_timestamps_s=[float(t) for t in times_s[frame_idx[~ok]]],
     )
     return video, n_decoded
