@@ -1,6 +1,6 @@
 """Synthesize FPO preference pairs (factorized temporal / textual perturbations) with Ray Data.
 
-Local (starts an in-process Ray with ``num_cpus`` CPUs)::
+Local (starts an in-process Ray with ``num_cpus`` CPUs when ``RAY_ADDRESS`` is unset)::
 
     python -m d2vlm_ray.data.synthetic --out data/synth --n-videos 40 --seed 0 --no-render
     python -m jobs.synth_pairs --config jobs/configs/synth_pairs_tiny.yaml \\
@@ -23,6 +23,7 @@ import json
 import sys
 
 from d2vlm_ray.config import ConfigError, dump_config, load_config
+from d2vlm_ray.pipelines.runtime import ensure_ray
 from d2vlm_ray.pipelines.synth_pairs import SynthPairsConfig, synthesize_pairs
 
 
@@ -37,10 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False)
+    # Under `ray job submit` this joins the cluster as it is (passing num_cpus there fails).
+    ensure_ray(cfg.num_cpus)
     if "://" not in cfg.out_dir:
         # Remote run folders carry the resolved config inside report.json instead.
         dump_config(cfg, cfg.out_dir)

@@ -252,15 +252,14 @@ def run(cfg: Config) -> dict[str, Any]:
     from d2vlm_ray.config import ModelConfig, from_dict
     from d2vlm_ray.model.checkpoint import init_checkpoint
     from d2vlm_ray.pipelines.build_cache import build_cache
+    from d2vlm_ray.pipelines.runtime import ensure_ray
 
     videos = ensure_videos(cfg)
     Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="pipeline-", dir=cfg.work_dir)).resolve()
     started_ray = False
     try:
-        if not ray.is_initialized():
-            ray.init(num_cpus=cfg.cores, include_dashboard=False, log_to_driver=False)
-            started_ray = True
+        started_ray = ensure_ray(cfg.cores, log_to_driver=False)
         model_cfg = from_dict(ModelConfig, {"preset": "tiny", "vision": ENCODERS[cfg.encoder]})
         ckpt = str(init_checkpoint(model_cfg, work / "checkpoint", seed=cfg.seed))
         manifest = work / "videos.txt"

@@ -283,6 +283,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
     from d2vlm_ray.config import ModelConfig, from_dict
     from d2vlm_ray.model.checkpoint import init_checkpoint
+    from d2vlm_ray.pipelines.runtime import ensure_ray
     from d2vlm_ray.serving.app import start_app, stop_app
 
     names = ensure_videos(cfg)
@@ -292,9 +293,7 @@ def run(cfg: Config) -> dict[str, Any]:
     app_name = f"d2vlm-bench-{work.name}"
     started_ray = deployed = False
     try:
-        if not ray.is_initialized():
-            ray.init(num_cpus=cfg.cores, include_dashboard=False, log_to_driver=False)
-            started_ray = True
+        started_ray = ensure_ray(cfg.cores, log_to_driver=False)
         ckpt = init_checkpoint(from_dict(ModelConfig, {"preset": "tiny"}), work / "checkpoint", seed=cfg.seed)
         args = {
             "checkpoint_dir": str(ckpt),

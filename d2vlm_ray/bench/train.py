@@ -273,16 +273,9 @@ def _run_plain(job: Any, threads: int) -> Path:
 
 
 def _ensure_ray(cfg: Config) -> None:
-    import ray
+    from d2vlm_ray.pipelines.runtime import ensure_ray
 
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`: join the cluster as it is
-        ray.init()
-        return
-    for key, value in _LOCAL_RAY_ENV.items():
-        os.environ.setdefault(key, value)
-    ray.init(num_cpus=cfg.ray_num_cpus or None, include_dashboard=False, log_to_driver=False)
+    ensure_ray(cfg.ray_num_cpus, log_to_driver=False, env=_LOCAL_RAY_ENV)
 
 
 def _run_ray(job: Any) -> Path:

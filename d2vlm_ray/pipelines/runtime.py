@@ -5,12 +5,19 @@ from __future__ import annotations
 import os
 
 
-def ensure_ray(num_cpus: int | None = None) -> bool:
+def ensure_ray(num_cpus: int | None = None, *, log_to_driver: bool = True, env: dict[str, str] | None = None) -> bool:
     """Join the cluster a job was submitted to, or start a local Ray in-process.
 
-    Under ``ray job submit`` (``RAY_ADDRESS`` is set) the driver joins the cluster as it
-    is: passing resources there is an error. Locally it starts Ray with ``num_cpus``
-    (``None`` or 0 = all cores) and no dashboard.
+    Every driver in the project starts Ray through here. Under ``ray job submit``
+    (``RAY_ADDRESS`` is set) the driver joins the cluster as it is: passing resources
+    there is an error. Locally it starts Ray with ``num_cpus`` (``None`` or 0 = all
+    cores) and no dashboard.
+
+    Args:
+        num_cpus: CPUs of a local Ray; ignored when joining a cluster.
+        log_to_driver: Forward worker logs to this process (benchmarks turn it off).
+        env: Environment defaults for a *local* Ray (e.g. ``RAY_AUTH_MODE``); variables
+            already set win. A joined cluster keeps its own settings.
 
     Returns:
         True if this call started or joined Ray, False if it was already initialised.
@@ -21,7 +28,9 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
         return False
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        ray.init(log_to_driver=log_to_driver)
     else:
-        ray.init(num_cpus=num_cpus or None, include_dashboard=False)
+        for key, value in (env or {}).items():
+            os.environ.setdefault(key, value)
+        ray.init(num_cpus=num_cpus or None, include_dashboard=False, log_to_driver=log_to_driver)
     return True

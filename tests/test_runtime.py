@@ -1,0 +1,86 @@
+"""Drivers start or join Ray in one place, so ``ray job submit`` works for every job."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _FakeRay:
+    """Stands in for the ``ray`` module: records ``init`` calls, never starts anything."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def is_initialized(self) -> bool:
+        return bool(self.calls)
+
+    def init(self, **kwargs: Any) -> None:
+        self.calls.append(kwargs)
+
+
+@pytest.fixture
+def fake_ray(monkeypatch: pytest.MonkeyPatch) -> _FakeRay:
+    import ray
+
+    fake = _FakeRay()
+    monkeypatch.setattr(ray, "is_initialized", fake.is_initialized)
+    monkeypatch.setattr(ray, "init", fake.init)
+    return fake
+
+
+def test_only_runtime_calls_ray_init() -> None:
+    """A driver that calls ``ray.init`` itself fails under ``ray job submit`` once it passes resources."""
+    pattern = re.compile(r"\bray\.init\(")
+    offenders = [
+        str(path.relative_to(ROOT))
+        for folder in ("d2vlm_ray", "jobs")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        if path.name != "runtime.py" and pattern.search(path.read_text())
+    ]
+    assert offenders == []
+
+
+def test_ensure_ray_joins_a_submitted_cluster_without_resources(
+    fake_ray: _FakeRay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from d2vlm_ray.pipelines.runtime import ensure_ray
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert ensure_ray(2, env={"RAY_AUTH_MODE": "disabled"}) is True
+    assert fake_ray.calls == [{"log_to_driver": True}]
+    assert ensure_ray(2) is False  # already initialised: nothing more
+
+
+def test_ensure_ray_starts_locally_with_cpus_and_env_defaults(
+    fake_ray: _FakeRay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from d2vlm_ray.pipelines.runtime import ensure_ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("D2VLM_TEST_ONLY", raising=False)
+    monkeypatch.setenv("D2VLM_TEST_SET", "kept")
+    ensure_ray(3, log_to_driver=False, env={"D2VLM_TEST_ONLY": "1", "D2VLM_TEST_SET": "overridden"})
+    assert fake_ray.calls == [{"num_cpus": 3, "include_dashboard": False, "log_to_driver": False}]
+    import os
+
+    assert os.environ["D2VLM_TEST_ONLY"] == "1"
+    assert os.environ["D2VLM_TEST_SET"] == "kept"
+
+
+def test_synth_pairs_job_under_ray_job_submit(
+    fake_ray: _FakeRay, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``jobs.synth_pairs`` used to pass ``num_cpus`` to a cluster it joined, which Ray refuses."""
+    import jobs.synth_pairs as job
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    monkeypatch.setattr(job, "synthesize_pairs", lambda cfg: {"pairs": 0})
+    config = ROOT / "jobs" / "configs" / "synth_pairs_tiny.yaml"
+    assert job.main(["--config", str(config), f"out_dir={tmp_path / 'pairs'}"]) == 0
+    assert fake_ray.calls == [{"log_to_driver": True}]
