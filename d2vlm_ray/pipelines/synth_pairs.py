@@ -176,7 +176,10 @@ def synthesize_pairs(cfg: SynthPairsConfig | dict[str, Any]) -> dict[str, Any]:
     else:
         cfg.validate()
     if not ray.is_initialized():
-        raise RuntimeError("synthesize_pairs: Ray is not initialised; start it first (pipelines.runtime.ensure_ray, or use jobs.synth_pairs)")
+        raise RuntimeError(
+            "synthesize_pairs: Ray is not initialised; start it first (pipelines.runtime.ensure_ray, "
+            "or use jobs.synth_pairs)"
+        )
     start = time.perf_counter()
     records, annotation_counters = load_records(cfg)
     if not records:
