@@ -2,17 +2,15 @@
 failures table, prediction records, the serving core and the answer CLI; the
 ``max_missing_frames_fraction`` policy turns a worse decode into ``partial_decode``.
 
-A partial decode is made two ways. :func:`lossy_decoder` wraps the real decoder and drops
-chosen sampled frames, recording them as the decoder does (``missing_timestamps_s`` plus
-a warning): the loss is then exact whatever the decoder's resilience. :func:`write_damaged_clip`
-overwrites bytes in the middle of a real H.264 file; what the decoder makes of it is read
-back with :func:`decode_video` and must arrive unchanged.
+A partial decode is made two ways (see ``helpers_decode``): ``lossy_decoder`` wraps the
+real decoder and drops chosen sampled frames, recording them as the decoder does, so the
+loss is exact whatever the decoder's resilience; ``write_damaged_clip`` overwrites bytes in
+the middle of a real H.264 file, and what the decoder makes of it must arrive unchanged.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +32,7 @@ from d2vlm_ray.pipelines.build_cache import (
     failure_table_rows,
     lookup_video,
 )
-from d2vlm_ray.types import DecodedVideo
+from tests.helpers_decode import lossy_decoder, write_damaged_clip
 
 P, C = 4, 3
 
@@ -49,38 +47,6 @@ class MeanEncoder:
     def encode(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(np.asarray(frames), dtype=torch.float32).mean(dim=(1, 2))  # [F, 3]
         return x[:, None, :].expand(-1, P, -1) / 255.0  # [F, P, C]
-
-
-def lossy_decoder(drop_idx: Sequence[int], real: Callable[..., DecodedVideo] = decode_video) -> Callable[..., DecodedVideo]:
-    """``decode_video`` that loses the sampled frames at ``drop_idx``, reporting them as the decoder does."""
-
-    def decode(source: str, fps: float = 1.0, **kwargs: object) -> DecodedVideo:
-        full = real(source, fps, **kwargs)
-        keep = np.ones(len(full.timestamps_s), dtype=bool)
-        keep[list(drop_idx)] = False
-        lost = [float(t) for t in full.timestamps_s[~keep]]
-        return DecodedVideo(
-            frames=full.frames[keep],
-            timestamps_s=full.timestamps_s[keep],
-            duration_s=full.duration_s,
-            source_fps=full.source_fps,
-            width=full.width,
-            height=full.height,
-            warnings=[*full.warnings, f"{len(lost)} of {len(keep)} sampled frames could not be decoded and were dropped"],
-            missing_timestamps_s=lost,
-        )
-
-    return decode
-
-
-def write_damaged_clip(path: Path) -> Path:
-    """A 6 s H.264 clip (keyframe every second) with 400 bytes of garbage 30 % into the file."""
-    write_barcode_clip(path, fps=4, duration_s=6, gop_size=4)
-    data = bytearray(path.read_bytes())
-    start = int(len(data) * 0.3)
-    data[start : start + 400] = bytes((i * 37) % 256 for i in range(400))
-    path.write_bytes(bytes(data))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +163,10 @@ def test_build_cache_rows_count_partial_and_fail_beyond_the_policy(
     # A rerun finds the partial entry by its sidecar and still reports it.
     hit = lookup_video(str(clips["ten"]), FeatureCache(str(tmp_path / "cache")), **ids)
     assert hit["status"] == "cached" and json.loads(hit["missing_timestamps_json"]) == [3.0]
+    # Under a stricter policy the same entry is a partial_decode failure, as a fresh decode would be.
+    refused = lookup_video(str(clips["ten"]), cache, **ids, max_missing_frames_fraction=0.05)
+    assert (refused["status"], refused["stage"], refused["reason"]) == ("failed", "lookup", "partial_decode")
+    assert "1 of 10" in refused["message"] and json.loads(refused["warnings_json"]) == listed_warnings(hit)
     listed = failure_table_rows([row, over, hit])
     assert [(r["status"], r["reason"]) for r in listed] == [
         ("partial", "partial"), ("failed", "partial_decode"), ("partial", "partial")
@@ -205,6 +175,10 @@ def test_build_cache_rows_count_partial_and_fail_beyond_the_policy(
     assert len(listed[1]["warnings"]) == 1 and "2 of 6" in listed[1]["warnings"][0]
     table = pq.read_table(_write_failures(listed, tmp_path)).to_pylist()
     assert [r["status"] for r in table] == ["partial", "failed", "partial"] and table[0]["warnings"] == listed[0]["warnings"]
+
+
+def listed_warnings(row: dict) -> list[str]:
+    return json.loads(row["warnings_json"])
 
 
 # --- evaluation predictions --------------------------------------------------------------------

@@ -276,11 +276,15 @@ def lookup_video(
     transform_id: str,
     encoder_id: str,
     verify: bool = False,
+    max_missing_frames_fraction: float = DEFAULT_MAX_MISSING_FRAMES_FRACTION,
 ) -> dict[str, Any]:
     """Hash one video and check whether its entry is already in the cache.
 
     A cached entry's decode warnings come from its sidecar (no data download), so a
-    partial entry written by an earlier run is still reported as partial.
+    partial entry written by an earlier run is still reported as partial; one that lost
+    more frames than ``max_missing_frames_fraction`` allows (written under a looser
+    policy) is a ``partial_decode`` failure, as a fresh decode would be. It stays in
+    the cache for readers that accept it.
 
     Returns:
         A row: ``source``, ``status`` (``cached`` / ``todo`` / ``failed``), ``sha256``,
@@ -299,16 +303,26 @@ def lookup_video(
         return {**failed, "sha256": "", "digest": "", "hash_s": 0.0, **no_warnings}
     key = FeatureKey(sha, float(fps), transform_id, encoder_id, int(max_frames))
     warnings = no_warnings
+    n_encoded = 0
     if verify:
         found = cache.get(key)
         cached = found is not None
         if found is not None:
             warnings = _warning_fields(found.warnings, found.missing_timestamps_s)
+            n_encoded = found.num_frames
     else:
         cached = cache.contains(key)
         if cached:
             sidecar = cache.store.read_sidecar(key.digest()) or {}
             warnings = _warning_fields(sidecar.get("warnings") or [], sidecar.get("missing_timestamps_s") or [])
+            n_encoded = int((sidecar.get("shape") or [0])[0])
+    n_missing = len(json.loads(warnings["missing_timestamps_json"]))
+    # The tolerance of check_missing_frames, so a hit and a fresh decode get the same verdict.
+    if cached and n_missing and n_missing / (n_encoded + n_missing) > max_missing_frames_fraction + 1e-6:
+        message = (f"the cached entry lacks {n_missing} of {n_encoded + n_missing} sampled frames, more than "
+                   f"max_missing_frames_fraction={max_missing_frames_fraction}")
+        failed = _failure(source, "lookup", "partial_decode", message)
+        return {**failed, "sha256": sha, "digest": key.digest(), "hash_s": time.perf_counter() - start, **warnings}
     return {
         "source": source,
         "status": "cached" if cached else "todo",
@@ -564,6 +578,7 @@ class LookupDecodeEncode(EncodeFrames):
             looked = lookup_video(
                 str(source), self.cache, fps=self.fps, max_frames=self.max_frames,
                 transform_id=self.encoder.transform_id, encoder_id=self.encoder.encoder_id, verify=self.verify,
+                max_missing_frames_fraction=self.max_missing_frames_fraction,
             )
             _record_lookup(looked)
             if looked["status"] != "todo":
@@ -765,7 +780,8 @@ def build_cache(cfg: BuildCacheConfig) -> dict[str, Any]:
             compute=TaskPoolStrategy(size=cfg.decode_tasks),
             num_cpus=cfg.decode_num_cpus,
             fn_kwargs={"cache_kwargs": cache_kwargs, "fps": cfg.fps, "max_frames": cfg.max_frames,
-                       "verify": cfg.cache.verify_existing, **ids},
+                       "verify": cfg.cache.verify_existing,
+                       "max_missing_frames_fraction": cfg.max_missing_frames_fraction, **ids},
         ).take_all()] if sources else []
         stage_s["lookup"] = time.perf_counter() - t0
         todo = [r for r in looked if r["status"] == "todo"]
