@@ -12,8 +12,14 @@ from d2vlm_ray.data.video import decode_video
 from d2vlm_ray.types import DecodedVideo
 
 
-def lossy_decoder(drop_idx: Sequence[int], real: Callable[..., DecodedVideo] = decode_video) -> Callable[..., DecodedVideo]:
-    """``decode_video`` that loses the sampled frames at ``drop_idx``, reporting them as the decoder does."""
+def lossy_decoder(
+    drop_idx: Sequence[int], real: Callable[..., DecodedVideo] = decode_video, *, name_the_file: bool = False
+) -> Callable[..., DecodedVideo]:
+    """``decode_video`` that loses the sampled frames at ``drop_idx``, reporting them as the decoder does.
+
+    With ``name_the_file`` it adds a warning quoting the source path, as FFmpeg's error
+    texts can (responses and cache entries must not carry it).
+    """
 
     def decode(source: str, fps: float = 1.0, **kwargs: object) -> DecodedVideo:
         full = real(source, fps, **kwargs)
@@ -27,7 +33,11 @@ def lossy_decoder(drop_idx: Sequence[int], real: Callable[..., DecodedVideo] = d
             source_fps=full.source_fps,
             width=full.width,
             height=full.height,
-            warnings=[*full.warnings, f"{len(lost)} of {len(keep)} sampled frames could not be decoded and were dropped"],
+            warnings=[
+                *full.warnings,
+                *([f"the index of {source} ends early"] if name_the_file else []),
+                f"{len(lost)} of {len(keep)} sampled frames could not be decoded and were dropped",
+            ],
             missing_timestamps_s=lost,
         )
 

@@ -252,6 +252,12 @@ def test_feature_service_and_cli_report_warnings(
     assert body["warnings"] == ref.warnings and body["grounding"]["warnings"] == ref.warnings
     assert "warning: 1 of 10 sampled frames" in captured.err and "3.000 s" in captured.err
 
+    # An upload is decoded from a temporary file: its path must not reach the warnings.
+    monkeypatch.setattr(core, "decode_video", lossy_decoder([3], name_the_file=True))
+    upload = service.features_from_bytes(clips["ten"].read_bytes()[:-1] + b"\0", ".mp4").ref()
+    assert "the index of <video> ends early" in upload.warnings
+    assert not any("d2vlm-upload-" in w for w in upload.warnings)
+
     monkeypatch.setattr(core, "decode_video", lossy_decoder([0, 1]))
     with pytest.raises(BadVideo) as over:
         service.features(str(clips["six"]))

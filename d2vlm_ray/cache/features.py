@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter, OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -412,13 +413,23 @@ def compute_features(
     from d2vlm_ray.data.video import check_missing_frames, decode_video
 
     decoded = check_missing_frames(decode_video(source, fps, max_frames=max_frames), max_missing_frames_fraction, source)
-    return encode_video(encoder, decoded)
+    return encode_video(encoder, decoded, source)
 
 
-def encode_video(encoder: FrameEncoder, decoded: DecodedVideo) -> CachedFeatures:
-    """Encode a decoded video's frames; its warnings and missing frame times come along."""
+def scrub_source(warnings: Sequence[str], source: str) -> list[str]:
+    """``warnings`` with the video's path or URL written ``<video>``.
+
+    An entry is keyed by the video's content, so its warnings must not name the path of
+    whichever process decoded it first; and Serve responses must not show server paths
+    (an upload's temporary file, the media roots).
+    """
+    return [str(w).replace(source, "<video>") if source else str(w) for w in warnings]
+
+
+def encode_video(encoder: FrameEncoder, decoded: DecodedVideo, source: str) -> CachedFeatures:
+    """Encode a decoded video's frames; its warnings (scrubbed of ``source``) and missing frame times come along."""
     feats = encode_decoded(encoder, decoded.frames, decoded.timestamps_s, decoded.duration_s, decoded.source_fps)
-    feats.warnings = list(decoded.warnings)
+    feats.warnings = scrub_source(decoded.warnings, source)
     feats.missing_timestamps_s = [float(t) for t in decoded.missing_timestamps_s]
     return feats
 

@@ -62,7 +62,7 @@ from d2vlm_ray.cache import (
     validate_shared_root,
     video_sha256,
 )
-from d2vlm_ray.cache.features import encode_decoded
+from d2vlm_ray.cache.features import encode_decoded, scrub_source
 from d2vlm_ray.config import ModelConfig, dump_config, from_dict
 from d2vlm_ray.data.video import VideoDecodeError
 from d2vlm_ray.types import FeatureKey, FrameEncoder
@@ -360,7 +360,7 @@ def decode_row(
     out.update(_warning_fields([], []))
     try:
         decoded = decode_video(row["source"], fps, max_frames=max_frames or None)
-        out.update(_warning_fields(decoded.warnings, decoded.missing_timestamps_s))
+        out.update(_warning_fields(scrub_source(decoded.warnings, row["source"]), decoded.missing_timestamps_s))
         check_missing_frames(decoded, max_missing_frames_fraction, row["source"])
     except VideoDecodeError as exc:
         out.update(_failure(row["source"], "decode", exc.reason, exc.message))
@@ -377,7 +377,7 @@ def decode_row(
     )
     logger.info("decoded %s: %d frames in %.2f s", row["source"], len(decoded.frames), out["decode_s"])
     if decoded.warnings:
-        logger.warning("decoding %s: %s", row["source"], "; ".join(decoded.warnings))
+        logger.warning("decoding %s: %s", row["source"], "; ".join(scrub_source(decoded.warnings, row["source"])))
     return out
 
 

@@ -256,7 +256,7 @@ class FeatureService:
                 raise _decode_error(exc) from None
             timings["decode"] = _ms(start)
             start = time.perf_counter()
-            feats = encode_video(self.encoder, decoded)
+            feats = encode_video(self.encoder, decoded, source)
             self._count(encodes=1, frames_encoded=feats.num_frames)
             timings["encode"] = _ms(start)
             if self.cache is not None:
