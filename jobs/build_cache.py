@@ -2,7 +2,8 @@
 
 Reads an evi.json annotation file or a list of video paths, skips videos already cached,
 decodes on CPU tasks, encodes with an actor pool (GPUs when ``num_gpus > 0``) and writes
-the cache; failures go to ``<run_dir>/failures.{parquet,json}``, counts to
+the cache; failures and partial decodes (features computed from a decode that lost
+frames, with its warnings) go to ``<run_dir>/failures.{parquet,json}``, counts to
 ``<run_dir>/summary.json`` (also printed as the last stdout line).
 
 Local (starts an in-process Ray when none is running)::

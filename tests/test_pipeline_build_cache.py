@@ -14,7 +14,7 @@ import torch
 from d2vlm_ray.cache import FeatureCache, SharedRootError, entry_nbytes, video_sha256
 from d2vlm_ray.config import ConfigError, ModelConfig, from_dict, load_config
 from d2vlm_ray.data.synthetic import generate_benchmark
-from d2vlm_ray.data.video import decode_video
+from d2vlm_ray.data.video import VideoDecodeError, decode_video
 from d2vlm_ray.pipelines.build_cache import (
     BuildCacheConfig,
     decode_row,
@@ -23,6 +23,7 @@ from d2vlm_ray.pipelines.build_cache import (
     read_manifest,
 )
 from jobs import build_cache as job
+from tests.helpers_decode import write_damaged_clip
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_YAML = REPO / "jobs" / "configs" / "build_cache_tiny.yaml"
@@ -41,13 +42,15 @@ class FakeEncoder:
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Ten short, small synthetic videos plus a corrupt file, and manifests over them."""
+    """Ten short, small synthetic videos, a corrupt file, a damaged one, and manifests over them."""
     root = tmp_path_factory.mktemp("bench")
     generate_benchmark(root, N_VIDEOS, seed=3, fractions=(1.0, 0.0, 0.0), fps=4, size=32)
     videos = sorted(str(p) for p in (root / "videos").glob("*.mp4"))
     (root / "bad.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video" * 50)
+    write_damaged_clip(root / "damaged.mp4")
     (root / "good.txt").write_text("# ten synthetic videos\n" + "\n".join(videos) + "\n")
     (root / "mixed.txt").write_text("\n".join([*videos, str(root / "bad.mp4"), "missing.mp4", videos[0]]) + "\n")
+    (root / "damaged.txt").write_text("\n".join([*videos, str(root / "bad.mp4"), str(root / "damaged.mp4")]) + "\n")
     return root
 
 
@@ -181,3 +184,45 @@ def test_pipeline_runs_twice_second_all_hits(
 
     with pytest.raises(SharedRootError, match="memory://"):
         build_cache(_cfg(bench, tmp_path, "cache.root=memory://cache"))
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # two pipeline runs, ~30 s on 2 cores; the row bodies are tested without Ray in test_decode_warnings
+@pytest.mark.timeout(240)
+def test_pipeline_lists_partial_decodes_with_their_warnings(ray_cluster: None, bench: Path, tmp_path: Path) -> None:
+    """Every file is computed, partial (with its warnings) or a typed failure, also on a rerun."""
+    from d2vlm_ray.pipelines.build_cache import build_cache
+
+    damaged = str(bench / "damaged.mp4")
+    video = str(sorted((bench / "videos").glob("*.mp4"))[0])
+    (tmp_path / "few.txt").write_text("\n".join([video, str(bench / "bad.mp4"), damaged]) + "\n")
+    manifest = f"manifest={tmp_path / 'few.txt'}"
+    try:
+        decoded = decode_video(damaged, 1.0)
+    except VideoDecodeError as exc:
+        pytest.fail(f"the damaged clip no longer decodes at all ({exc.reason}); damage it less")
+    assert decoded.warnings, "the damaged clip decodes without a warning; damage it more"
+
+    def failures() -> dict[str, dict]:
+        rows = pq.read_table(tmp_path / "run" / "failures.parquet").to_pylist()
+        return {Path(r["source"]).name: r for r in rows}
+
+    # A policy that accepts any loss: the damaged file is computed from what could be decoded.
+    lenient = build_cache(_cfg(bench, tmp_path, manifest, "max_missing_frames_fraction=1.0"))
+    assert (lenient["videos"], lenient["computed"], lenient["partial"], lenient["failed"]) == (3, 1, 1, 1)
+    assert set(lenient["failed_by_reason"]) <= {"corrupt", "no_video_stream"}
+    listed = failures()
+    assert listed["damaged.mp4"]["status"] == "partial" and listed["damaged.mp4"]["warnings"] == decoded.warnings
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["partial"] == 1
+
+    # A rerun under the default policy still lists the cached partial entry, or refuses it when it lost too much.
+    strict = build_cache(_cfg(bench, tmp_path, manifest, "max_missing_frames_fraction=0.1"))
+    assert (strict["computed"], strict["partial"], strict["decoded"]) == (0, 0, 1)  # only bad.mp4 is decoded again
+    listed = failures()
+    assert listed["damaged.mp4"]["warnings"] == decoded.warnings
+    if decoded.missing_fraction > 0.1:
+        assert (listed["damaged.mp4"]["status"], listed["damaged.mp4"]["reason"]) == ("failed", "partial_decode")
+        assert (strict["hits"], strict["hits_partial"], strict["failed"]) == (1, 0, 2)
+    else:
+        assert listed["damaged.mp4"]["status"] == "partial"
+        assert (strict["hits"], strict["hits_partial"], strict["failed"]) == (2, 1, 1)

@@ -9,6 +9,7 @@ exactly with the model core's single-call ``generate``.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -28,6 +29,7 @@ from d2vlm_ray.data.testclips import write_barcode_clip
 from d2vlm_ray.model.checkpoint import from_pretrained, init_checkpoint, load_frame_encoder
 from d2vlm_ray.model.generation import generate
 from d2vlm_ray.model.inputs import build_batch
+from tests.helpers_decode import lossy_decoder, write_damaged_clip
 
 REPO = Path(__file__).resolve().parents[1]
 APP = "d2vlm-test"
@@ -59,6 +61,9 @@ def app(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     write_barcode_clip(videos / "long.mp4", fps=2, duration_s=12)
     (videos / "notes.txt").write_text("not a video")
     (root / "outside.mp4").write_bytes((videos / "a.mp4").read_bytes())
+    write_barcode_clip(videos / "partial.mp4", fps=2, duration_s=9.5)  # 10 frames sampled at 1 fps
+    write_barcode_clip(videos / "lossy.mp4", fps=2, duration_s=6)
+    write_damaged_clip(videos / "damaged.mp4")
 
     config = yaml.safe_load((REPO / "serve" / "test.yaml").read_text())["applications"][0]
     args = dict(config["args"], checkpoint_dir=str(ckpt), cache_root=str(root / "cache"), media_roots=[str(videos)])
@@ -276,3 +281,95 @@ def test_http_concurrent_requests_and_overload(app: dict[str, Any]) -> None:
     rejected = next(r for r in burst if r.status_code == 503)
     assert rejected.headers["Retry-After"] == "1" and rejected.json()["reason"] == "overloaded"
     assert _post(app, "/v1/ground", json={"video": "a.mp4", "query": "q"}).status_code == 200
+
+
+@pytest.mark.timeout(240)
+def test_http_reports_partial_decodes(app: dict[str, Any]) -> None:
+    """Warnings stored in the cache come back on a hit; a decode over the policy is 422 partial_decode."""
+    from d2vlm_ray.cache.features import encode_video
+    from d2vlm_ray.data.video import decode_video
+
+    videos, args = app["videos"], app["args"]
+    encoder = load_frame_encoder(app["ckpt"])  # float32, as the FrameEncoder: same encoder id, same key
+    cache = FeatureCache(args["cache_root"])
+
+    def cache_lossy(name: str, drop_idx: list[int]) -> Any:
+        """Put the features of a decode that lost ``drop_idx`` where the FrameEncoder looks them up."""
+        source = str(videos / name)
+        decoded = lossy_decoder(drop_idx)(source, args["fps"], max_frames=args["max_frames"])
+        key = feature_key(encoder, video_sha256(source), args["fps"], args["max_frames"])
+        cache.put(key, encode_video(encoder, decoded, source))
+        return decoded
+
+    partial = cache_lossy("partial.mp4", [4])  # 1 of 10: within max_missing_frames_fraction 0.1
+    cache_lossy("lossy.mp4", [0, 1])  # 2 of 6: beyond it
+    assert partial.missing_timestamps_s == [4.0]
+
+    ground = _post(app, "/v1/ground", json={"video": "partial.mp4", "query": "q"})
+    assert ground.status_code == 200, ground.text
+    body = ground.json()
+    assert body["cache"] == "hit" and body["warnings"] == partial.warnings and body["missing_timestamps_s"] == [4.0]
+    assert len(body["timestamps_s"]) == 9
+    answer = _post(app, "/v1/answer", json={"video": "partial.mp4", "question": "what happens ?"}).json()
+    assert answer["warnings"] == partial.warnings and answer["missing_timestamps_s"] == [4.0]
+    assert answer["grounding"]["warnings"] == partial.warnings
+    upload = {"files": {"file": ("p.mp4", (videos / "partial.mp4").read_bytes())}, "data": {"request": '{"query": "q"}'}}
+    assert _post(app, "/v1/ground", **upload).json()["warnings"] == partial.warnings
+    streamed = _post(app, "/v1/answer", json={"video": "partial.mp4", "question": "q", "stream": True})
+    events = dict(_sse(streamed.text))
+    assert events["grounding"]["missing_timestamps_s"] == [4.0] and events["answer"]["warnings"] == partial.warnings
+    clean = _post(app, "/v1/ground", json={"video": "a.mp4", "query": "q"}).json()
+    assert clean["warnings"] == [] and clean["missing_timestamps_s"] == []
+
+    over = _post(app, "/v1/ground", json={"video": "lossy.mp4", "query": "q"})
+    assert over.status_code == 422 and over.json()["reason"] == "partial_decode", over.text
+    assert "2 of 6 sampled frames" in over.json()["detail"] and str(videos) not in over.text
+
+    # A really damaged file on a miss: the response says what the decoder reports, nothing less.
+    decoded = decode_video(str(videos / "damaged.mp4"), args["fps"], max_frames=args["max_frames"])
+    assert decoded.warnings, "the damaged clip decodes without a warning; damage it more"
+    damaged = _post(app, "/v1/ground", json={"video": "damaged.mp4", "query": "q"})
+    if decoded.missing_fraction > args["max_missing_frames_fraction"]:
+        assert damaged.status_code == 422 and damaged.json()["reason"] == "partial_decode", damaged.text
+    else:
+        assert damaged.status_code == 200 and damaged.json()["cache"] == "miss", damaged.text
+        assert damaged.json()["missing_timestamps_s"] == decoded.missing_timestamps_s
+        assert len(damaged.json()["warnings"]) == len(decoded.warnings)
+
+
+@pytest.mark.timeout(240)
+def test_http_playlist_never_opens_files_outside_the_media_roots(app: dict[str, Any]) -> None:
+    """An HLS playlist inside a media root (or uploaded) naming a segment outside every root is refused.
+
+    Needs the decoder's container-format whitelist (issue 21, point 5): without it FFmpeg's
+    HLS demuxer opens the segment and the request succeeds.
+    """
+    root, videos = app["root"], app["videos"]
+    segment = root / "outside_segment.ts"
+    write_barcode_clip(segment, fps=4, duration_s=3)
+    playlist = (
+        "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:4\n#EXT-X-MEDIA-SEQUENCE:0\n"
+        f"#EXTINF:3.0,\n{segment}\n#EXT-X-ENDLIST\n"
+    )
+    (videos / "list.m3u8").write_text(playlist)
+
+    def age_atime(path: Path) -> float:
+        """Set the access time before the modification time, so that any read moves it (relatime)."""
+        mtime_s = path.stat().st_mtime
+        os.utime(path, (mtime_s - 100.0, mtime_s))
+        return path.stat().st_atime
+
+    control = root / "control.bin"
+    control.write_bytes(b"x" * 100)
+    control_atime_s = age_atime(control)
+    control.read_bytes()
+    reads_move_atime = control.stat().st_atime != control_atime_s
+    segment_atime_s = age_atime(segment)
+
+    by_path = _post(app, "/v1/ground", json={"video": "list.m3u8", "query": "q"})
+    uploaded = _post(app, "/v1/ground", files={"file": ("list.m3u8", playlist.encode())}, data={"request": '{"query": "q"}'})
+    for response in (by_path, uploaded):
+        assert response.status_code in (403, 422), response.text
+        assert str(segment) not in response.text
+    if reads_move_atime:  # on a noatime mount the status codes are the only evidence
+        assert segment.stat().st_atime == segment_atime_s, "the segment outside the media roots was read"

@@ -7,6 +7,12 @@ hashes a video, asks the cache, and on a miss decodes, encodes and writes the en
 Both tiers hold features in the storage dtype (fp16 by default: a phi3-mini-sized ViT
 gives 256 x 1408 x 2 B = 704 KiB per frame), so a value read from memory equals the same
 value read from the shared store; readers always receive float32.
+
+An entry also keeps what the decode lost: the decoder's warnings and the presentation
+times of sampled frames it could not decode. They come back with every hit (memory or
+shared tier), so a partial decode is never served as a clean one. Whether a partial
+decode is acceptable is the caller's policy (``max_missing_frames_fraction``), checked
+on a hit as on a miss, because one entry may be read under several policies.
 """
 
 from __future__ import annotations
@@ -14,8 +20,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +30,12 @@ import torch
 from d2vlm_ray.cache.keys import video_sha256
 from d2vlm_ray.cache.store import CorruptEntryError, EntryPayload, SharedStore, _np_dtype
 from d2vlm_ray.types import FeatureKey, FrameEncoder
+
+if TYPE_CHECKING:
+    from d2vlm_ray.types import DecodedVideo
+
+DEFAULT_MAX_MISSING_FRAMES_FRACTION = 0.1
+"""Default share of sampled frames a decode may lose before it is a ``partial_decode`` error."""
 
 logger = logging.getLogger(__name__)
 
@@ -36,17 +49,32 @@ class CachedFeatures:
         timestamps_s: Presentation time of each frame, ``[F]`` float64 seconds.
         duration_s: Duration of the video.
         source_fps: Average frame rate of the source stream.
+        warnings: The decoder's warnings (human-readable); empty for a clean decode.
+        missing_timestamps_s: Presentation times of sampled frames that could not be
+            decoded; they have no row in ``patches``.
     """
 
     patches: torch.Tensor
     timestamps_s: np.ndarray
     duration_s: float
     source_fps: float
+    warnings: list[str] = field(default_factory=list)
+    missing_timestamps_s: list[float] = field(default_factory=list)
 
     @property
     def num_frames(self) -> int:
         """Number of frames ``F``."""
         return int(self.patches.shape[0])
+
+    @property
+    def n_sampled(self) -> int:
+        """Frames the sampling rule asked for: the encoded ones plus the missing ones."""
+        return self.num_frames + len(self.missing_timestamps_s)
+
+    @property
+    def missing_fraction(self) -> float:
+        """Share of the sampled frames that could not be decoded, in ``[0, 1]``."""
+        return len(self.missing_timestamps_s) / self.n_sampled if self.n_sampled else 0.0
 
 
 @dataclass
@@ -55,6 +83,8 @@ class _MemoryItem:
     timestamps_s: np.ndarray
     duration_s: float
     source_fps: float
+    warnings: tuple[str, ...] = ()
+    missing_timestamps_s: tuple[float, ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -162,6 +192,8 @@ class FeatureCache:
             timestamps_s=item.timestamps_s.copy(),
             duration_s=item.duration_s,
             source_fps=item.source_fps,
+            warnings=list(item.warnings),
+            missing_timestamps_s=list(item.missing_timestamps_s),
         )
 
     def _to_item(self, feats: CachedFeatures) -> _MemoryItem:
@@ -178,7 +210,14 @@ class FeatureCache:
                 f"patch features are not finite in {self.storage_dtype} (max |x| = {np.abs(patches).max():.3g}); "
                 "use storage_dtype='float32'"
             )
-        return _MemoryItem(stored, timestamps_s.copy(), float(feats.duration_s), float(feats.source_fps))
+        return _MemoryItem(
+            stored,
+            timestamps_s.copy(),
+            float(feats.duration_s),
+            float(feats.source_fps),
+            tuple(str(w) for w in feats.warnings),
+            tuple(float(t) for t in feats.missing_timestamps_s),
+        )
 
     # --- public API --------------------------------------------------------------------
 
@@ -209,7 +248,14 @@ class FeatureCache:
             self._count(misses=1, misses_unsealed=int(unsealed), misses_absent=int(not unsealed))
             return None
         payload, nbytes = found
-        item = _MemoryItem(payload.patches, payload.timestamps_s, payload.duration_s, payload.source_fps)
+        item = _MemoryItem(
+            payload.patches,
+            payload.timestamps_s,
+            payload.duration_s,
+            payload.source_fps,
+            payload.warnings,
+            payload.missing_timestamps_s,
+        )
         self._count(hits_shared=1, bytes_read=nbytes)
         self.store.touch(digest)
         self._remember(digest, item)
@@ -238,7 +284,9 @@ class FeatureCache:
         """
         digest = key.digest()
         item = self._to_item(feats)
-        payload = EntryPayload(item.patches, item.timestamps_s, item.duration_s, item.source_fps)
+        payload = EntryPayload(
+            item.patches, item.timestamps_s, item.duration_s, item.source_fps, item.warnings, item.missing_timestamps_s
+        )
         nbytes = self.store.write(key, payload)
         self._count(puts=1, bytes_written=nbytes)
         self._remember(digest, item)
@@ -311,30 +359,103 @@ def _rebuild(root: str, kwargs: dict[str, Any]) -> FeatureCache:
     return FeatureCache(root, **kwargs)
 
 
+def check_missing_fraction(feats: CachedFeatures, max_missing_frames_fraction: float, source: str) -> CachedFeatures:
+    """Apply the partial-decode policy to features (fresh or read from the cache).
+
+    The same rule as :func:`d2vlm_ray.data.video.check_missing_frames`, for features
+    whose frames are gone: an entry written under a looser policy (e.g. by a cache build
+    with ``max_missing_frames_fraction: 1``) is refused by a stricter reader.
+
+    Args:
+        feats: The features; ``missing_timestamps_s`` lists the lost samples.
+        max_missing_frames_fraction: Largest share of sampled frames that may be missing.
+        source: The path or URL, for the error.
+
+    Returns:
+        ``feats`` unchanged when within the limit (its warnings still say what was lost).
+
+    Raises:
+        VideoDecodeError: ``partial_decode`` when more than the allowed share is missing.
+        ValueError: If the limit is outside ``[0, 1]``.
+    """
+    from d2vlm_ray.data.video import check_missing_frames
+    from d2vlm_ray.types import DecodedVideo
+
+    # Only the counts and times matter to the policy; no frame is needed for the check.
+    shell = DecodedVideo(
+        frames=np.zeros((0, 0, 0, 3), dtype=np.uint8),
+        timestamps_s=np.asarray(feats.timestamps_s, dtype=np.float64),
+        duration_s=float(feats.duration_s),
+        source_fps=float(feats.source_fps),
+        width=0,
+        height=0,
+        warnings=list(feats.warnings),
+        missing_timestamps_s=list(feats.missing_timestamps_s),
+    )
+    check_missing_frames(shell, max_missing_frames_fraction, source)
+    return feats
+
+
 def compute_features(
-    encoder: FrameEncoder, source: str, *, fps: float = 1.0, max_frames: int | None = None
+    encoder: FrameEncoder,
+    source: str,
+    *,
+    fps: float = 1.0,
+    max_frames: int | None = None,
+    max_missing_frames_fraction: float = DEFAULT_MAX_MISSING_FRAMES_FRACTION,
 ) -> CachedFeatures:
     """Decode ``source`` at ``fps`` and encode its frames (no cache involved).
 
     Raises:
-        VideoDecodeError: If the video cannot be decoded.
+        VideoDecodeError: If the video cannot be decoded, or (``partial_decode``) it lost
+            more than ``max_missing_frames_fraction`` of its sampled frames.
     """
-    from d2vlm_ray.data.video import decode_video
+    from d2vlm_ray.data.video import check_missing_frames, decode_video
 
-    decoded = decode_video(source, fps, max_frames=max_frames)
-    return encode_decoded(encoder, decoded.frames, decoded.timestamps_s, decoded.duration_s, decoded.source_fps)
+    decoded = check_missing_frames(decode_video(source, fps, max_frames=max_frames), max_missing_frames_fraction, source)
+    return encode_video(encoder, decoded, source)
+
+
+def scrub_source(warnings: Sequence[str], source: str) -> list[str]:
+    """``warnings`` with the video's path or URL written ``<video>``.
+
+    An entry is keyed by the video's content, so its warnings must not name the path of
+    whichever process decoded it first; and Serve responses must not show server paths
+    (an upload's temporary file, the media roots).
+    """
+    return [str(w).replace(source, "<video>") if source else str(w) for w in warnings]
+
+
+def encode_video(encoder: FrameEncoder, decoded: DecodedVideo, source: str) -> CachedFeatures:
+    """Encode a decoded video's frames; its warnings (scrubbed of ``source``) and missing frame times come along."""
+    feats = encode_decoded(encoder, decoded.frames, decoded.timestamps_s, decoded.duration_s, decoded.source_fps)
+    feats.warnings = scrub_source(decoded.warnings, source)
+    feats.missing_timestamps_s = [float(t) for t in decoded.missing_timestamps_s]
+    return feats
 
 
 def encode_decoded(
-    encoder: FrameEncoder, frames: np.ndarray, timestamps_s: np.ndarray, duration_s: float, source_fps: float
+    encoder: FrameEncoder,
+    frames: np.ndarray,
+    timestamps_s: np.ndarray,
+    duration_s: float,
+    source_fps: float,
+    *,
+    warnings: list[str] | None = None,
+    missing_timestamps_s: list[float] | None = None,
 ) -> CachedFeatures:
-    """Run the frame encoder on decoded frames ``[F, H, W, 3]`` uint8 and wrap the result."""
+    """Run the frame encoder on decoded frames ``[F, H, W, 3]`` uint8 and wrap the result.
+
+    ``warnings`` and ``missing_timestamps_s`` are the decode's, carried into the entry.
+    """
     patches = encoder.encode(frames)  # [F, P, C]
     return CachedFeatures(
         patches=patches.detach().to("cpu", torch.float32),
         timestamps_s=np.asarray(timestamps_s, dtype=np.float64),
         duration_s=float(duration_s),
         source_fps=float(source_fps),
+        warnings=[str(w) for w in warnings or []],
+        missing_timestamps_s=[float(t) for t in missing_timestamps_s or []],
     )
 
 
@@ -345,12 +466,14 @@ def features_for_video(
     *,
     fps: float = 1.0,
     max_frames: int | None = None,
+    max_missing_frames_fraction: float = DEFAULT_MAX_MISSING_FRAMES_FRACTION,
 ) -> tuple[CachedFeatures, bool]:
     """Patch features of a video, from the cache when possible.
 
     On a miss the video is decoded and encoded, and the entry is written; the returned
     values are then those a later hit returns (rounded to the storage dtype), so a
-    caller sees the same numbers whichever way they were obtained.
+    caller sees the same numbers whichever way they were obtained. Either way the
+    features carry the decode's ``warnings`` and ``missing_timestamps_s``.
 
     Args:
         cache: The cache, or ``None`` to always compute.
@@ -358,19 +481,27 @@ def features_for_video(
         source: Local path or fsspec URL of the video.
         fps: Sampling rate.
         max_frames: Frame cap (``None`` for none).
+        max_missing_frames_fraction: Largest share of sampled frames a decode may lose;
+            checked on a hit too. A decode over the limit is not cached.
 
     Returns:
         ``(features, cache_hit)``.
 
     Raises:
         FileNotFoundError: If the video does not exist.
-        VideoDecodeError: If it cannot be decoded.
+        VideoDecodeError: If it cannot be decoded, or ``partial_decode`` when it lost more
+            than the allowed share of frames.
     """
     if cache is None:
-        return compute_features(encoder, source, fps=fps, max_frames=max_frames), False
+        feats = compute_features(
+            encoder, source, fps=fps, max_frames=max_frames, max_missing_frames_fraction=max_missing_frames_fraction
+        )
+        return feats, False
     key = feature_key(encoder, video_sha256(source), fps, max_frames)
     found = cache.get(key)
     if found is not None:
-        return found, True
-    feats = compute_features(encoder, source, fps=fps, max_frames=max_frames)
+        return check_missing_fraction(found, max_missing_frames_fraction, source), True
+    feats = compute_features(
+        encoder, source, fps=fps, max_frames=max_frames, max_missing_frames_fraction=max_missing_frames_fraction
+    )
     return cache.put(key, feats), False

@@ -4,7 +4,8 @@ Layout under ``root`` (``d`` is :meth:`FeatureKey.digest`, ``c`` the sha256 of t
 
 ```
 entries/<d[:2]>/<d>/<c[:16]>.parquet   the features (one row per frame), written once, never modified
-entries/<d[:2]>/<d>.json               the sidecar: data file name, checksum, size, created time, key
+entries/<d[:2]>/<d>.json               the sidecar: data file name, checksum, size, created time, key,
+                                       decode warnings and missing frame times
 access/<d[:2]>/<d>                     last-access marker: unix seconds as text
 index/index.parquet                    a compacted listing, written only by a job driver
 ```
@@ -115,12 +116,18 @@ class EntryPayload:
         timestamps_s: ``[F]`` float64 presentation times.
         duration_s: Video duration.
         source_fps: Average frame rate of the source.
+        warnings: The decoder's warnings for this video (frames lost, suspect metadata);
+            empty for a clean decode and for entries written before warnings were stored.
+        missing_timestamps_s: Presentation times of the sampled frames the decoder lost
+            (absent from ``patches``).
     """
 
     patches: np.ndarray
     timestamps_s: np.ndarray
     duration_s: float
     source_fps: float
+    warnings: tuple[str, ...] = ()
+    missing_timestamps_s: tuple[float, ...] = ()
 
 
 def encode_entry(key: FeatureKey, payload: EntryPayload) -> bytes:
@@ -141,6 +148,8 @@ def encode_entry(key: FeatureKey, payload: EntryPayload) -> bytes:
         "duration_s": float(payload.duration_s),
         "source_fps": float(payload.source_fps),
         "key": key_dict(key),
+        "warnings": [str(w) for w in payload.warnings],
+        "missing_timestamps_s": [float(t) for t in payload.missing_timestamps_s],
     }
     table = pa.table(
         {"timestamp_s": pa.array(np.asarray(payload.timestamps_s, dtype=np.float64)), "patches": column}
@@ -163,11 +172,16 @@ def decode_entry(data: bytes) -> EntryPayload:
         values = table.column("patches").combine_chunks().values.to_numpy(zero_copy_only=False)
         patches = values.astype(_np_dtype(meta["dtype"]), copy=False).reshape(n_frames, num_patches, patch_dim)
         timestamps_s = table.column("timestamp_s").to_numpy().astype(np.float64)
+        # Entries written before warnings were stored have neither field: a clean decode.
+        warnings = tuple(str(w) for w in meta.get("warnings", []))
+        missing_timestamps_s = tuple(float(t) for t in meta.get("missing_timestamps_s", []))
     except (pa.ArrowException, KeyError, ValueError, TypeError, OSError) as exc:
         raise CorruptEntryError(f"unreadable entry: {exc}") from None
     if timestamps_s.shape != (n_frames,):
         raise CorruptEntryError(f"entry has {timestamps_s.shape[0]} timestamps for {n_frames} frames")
-    return EntryPayload(patches, timestamps_s, float(meta["duration_s"]), float(meta["source_fps"]))
+    return EntryPayload(
+        patches, timestamps_s, float(meta["duration_s"]), float(meta["source_fps"]), warnings, missing_timestamps_s
+    )
 
 
 def _modified_s(info: dict[str, Any], default: float) -> float:
@@ -340,6 +354,10 @@ class SharedStore:
             "shape": list(payload.patches.shape),
             "dtype": str(payload.patches.dtype),
             "key": key_dict(key),
+            # Also in the data file; repeated here so that a look-up that trusts the sidecar
+            # (build_cache skipping finished entries) still sees what the decode lost.
+            "warnings": [str(w) for w in payload.warnings],
+            "missing_timestamps_s": [float(t) for t in payload.missing_timestamps_s],
         }
         self._write(self.sidecar_path(digest), json.dumps(sidecar, sort_keys=True).encode("utf-8"))
         self.touch(digest, force=True, now=now)
@@ -481,12 +499,14 @@ class SharedStore:
         columns: dict[str, list[Any]] = {
             name: []
             for name in ("digest", "data", "size_bytes", "created_s", "last_access_s", "video_sha256", "fps",
-                         "transform_id", "encoder_id", "max_frames", "n_frames")
+                         "transform_id", "encoder_id", "max_frames", "n_frames", "n_missing_frames", "warnings")
         }
         for entry in sorted(entries, key=lambda e: e["digest"]):
             key = entry.get("key", {})
             shape = entry.get("shape") or [0]
-            row = {**key, **entry, "n_frames": int(shape[0])}
+            row = {**key, **entry, "n_frames": int(shape[0]),
+                   "n_missing_frames": len(entry.get("missing_timestamps_s") or []),
+                   "warnings": [str(w) for w in entry.get("warnings") or []]}
             for name, values in columns.items():
                 values.append(row.get(name))
         sink = io.BytesIO()

@@ -21,9 +21,14 @@ With ``decode_in_encoder`` the three stages run as one, in the encoder actors
 (:class:`LookupDecodeEncode`): on CPU-only machines every core then runs one process that
 does all the work for its video, as a process pool would.
 
-A video that fails any stage becomes a row of ``failures.parquet`` / ``failures.json`` in
-the run directory with its reason (:attr:`VideoDecodeError.reason`, or ``not_found``);
-the run still finishes and writes ``summary.json``.
+Every video ends as ``cached`` (a hit), ``computed`` (a clean decode), ``partial``
+(computed, but the decoder reported warnings: frames it could not decode, suspect
+metadata) or ``failed`` with a typed reason (:attr:`VideoDecodeError.reason`, or
+``not_found``). A decode that lost more than ``max_missing_frames_fraction`` of its
+sampled frames fails with ``partial_decode`` and is not cached. Failed and partial videos
+(partial cache hits included) are rows of ``failures.parquet`` / ``failures.json`` in the
+run directory, with their ``status``, reason and ``warnings``; the run still finishes and
+writes ``summary.json``.
 
 The per-row bodies (:func:`lookup_video`, :func:`decode_row`, :func:`encode_row`) are
 plain functions, testable without Ray; the ``_*_batch`` wrappers and
@@ -49,8 +54,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from d2vlm_ray import telemetry
-from d2vlm_ray.cache import FeatureCache, SharedRootError, entry_nbytes, validate_shared_root, video_sha256
-from d2vlm_ray.cache.features import encode_decoded
+from d2vlm_ray.cache import (
+    DEFAULT_MAX_MISSING_FRAMES_FRACTION,
+    FeatureCache,
+    SharedRootError,
+    entry_nbytes,
+    validate_shared_root,
+    video_sha256,
+)
+from d2vlm_ray.cache.features import encode_decoded, scrub_source
 from d2vlm_ray.config import ModelConfig, dump_config, from_dict
 from d2vlm_ray.data.video import VideoDecodeError
 from d2vlm_ray.types import FeatureKey, FrameEncoder
@@ -59,7 +71,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_FORMATS = ("auto", "evi", "list")
 CHECKPOINT_SUBDIR = "checkpoint"
-_FAILURE_COLUMNS = ("source", "stage", "reason", "message")
+_FAILURE_COLUMNS = ("source", "status", "stage", "reason", "message", "warnings")
 
 
 @dataclass
@@ -98,6 +110,9 @@ class BuildCacheConfig:
         run_dir: Output folder: resolved config, summary, failures table, tiny checkpoint.
         fps: Frame sampling rate.
         max_frames: Frame cap per video (0 = none); part of the cache key.
+        max_missing_frames_fraction: Largest share of a video's sampled frames the decoder
+            may lose; beyond it the video fails with ``partial_decode`` (0 accepts only
+            complete decodes, 1 any partial one). Within it the video is ``partial``.
         cache: Storage settings.
         num_cpus: CPUs of the Ray instance started when none is running (0 = all).
         lookup_batch_size: Videos per look-up task.
@@ -126,6 +141,7 @@ class BuildCacheConfig:
     run_dir: str = "runs/build_cache"
     fps: float = 1.0
     max_frames: int = 0
+    max_missing_frames_fraction: float = DEFAULT_MAX_MISSING_FRAMES_FRACTION
     cache: CacheSettings = field(default_factory=CacheSettings)
     num_cpus: int = 0
     lookup_batch_size: int = 16
@@ -146,6 +162,8 @@ class BuildCacheConfig:
             raise ValueError(f"manifest_format: expected one of {list(MANIFEST_FORMATS)}, got {self.manifest_format!r}")
         if not (self.fps > 0 and math.isfinite(self.fps)):
             raise ValueError(f"fps: must be a positive number, got {self.fps}")
+        if not 0.0 <= self.max_missing_frames_fraction <= 1.0:
+            raise ValueError(f"max_missing_frames_fraction: must be in [0, 1], got {self.max_missing_frames_fraction}")
         for name in ("max_frames", "num_cpus", "seed", "decode_memory_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
@@ -231,6 +249,24 @@ def _failure(source: str, stage: str, reason: str, message: str) -> dict[str, An
     return {"source": source, "status": "failed", "stage": stage, "reason": reason, "message": message}
 
 
+def _warning_fields(warnings: Sequence[str], missing_timestamps_s: Sequence[float]) -> dict[str, str]:
+    """A row's decode warnings as JSON text: Ray Data columns cannot hold ragged lists of strings."""
+    return {
+        "warnings_json": json.dumps([str(w) for w in warnings]),
+        "missing_timestamps_json": json.dumps([float(t) for t in missing_timestamps_s]),
+    }
+
+
+def row_warnings(row: dict[str, Any]) -> list[str]:
+    """The decode warnings a pipeline row carries (empty for a clean decode)."""
+    return list(json.loads(row.get("warnings_json") or "[]"))
+
+
+def row_missing_timestamps_s(row: dict[str, Any]) -> list[float]:
+    """Presentation times of the sampled frames a pipeline row's decode lost."""
+    return [float(t) for t in json.loads(row.get("missing_timestamps_json") or "[]")]
+
+
 def lookup_video(
     source: str,
     cache: FeatureCache,
@@ -240,22 +276,53 @@ def lookup_video(
     transform_id: str,
     encoder_id: str,
     verify: bool = False,
+    max_missing_frames_fraction: float = DEFAULT_MAX_MISSING_FRAMES_FRACTION,
 ) -> dict[str, Any]:
     """Hash one video and check whether its entry is already in the cache.
 
+    A cached entry's decode warnings come from its sidecar (no data download), so a
+    partial entry written by an earlier run is still reported as partial; one that lost
+    more frames than ``max_missing_frames_fraction`` allows (written under a looser
+    policy) is a ``partial_decode`` failure, as a fresh decode would be. It stays in
+    the cache for readers that accept it.
+
     Returns:
         A row: ``source``, ``status`` (``cached`` / ``todo`` / ``failed``), ``sha256``,
-        ``digest``, ``stage``, ``reason``, ``message``, ``hash_s``.
+        ``digest``, ``stage``, ``reason``, ``message``, ``hash_s``, ``warnings_json``,
+        ``missing_timestamps_json``.
     """
     start = time.perf_counter()
+    no_warnings = _warning_fields([], [])
     try:
         sha = video_sha256(source)
     except FileNotFoundError as exc:
-        return {**_failure(source, "lookup", "not_found", str(exc)), "sha256": "", "digest": "", "hash_s": 0.0}
+        failed = _failure(source, "lookup", "not_found", str(exc))
+        return {**failed, "sha256": "", "digest": "", "hash_s": 0.0, **no_warnings}
     except OSError as exc:
-        return {**_failure(source, "lookup", "unreadable", str(exc)), "sha256": "", "digest": "", "hash_s": 0.0}
+        failed = _failure(source, "lookup", "unreadable", str(exc))
+        return {**failed, "sha256": "", "digest": "", "hash_s": 0.0, **no_warnings}
     key = FeatureKey(sha, float(fps), transform_id, encoder_id, int(max_frames))
-    cached = cache.get(key) is not None if verify else cache.contains(key)
+    warnings = no_warnings
+    n_encoded = 0
+    if verify:
+        found = cache.get(key)
+        cached = found is not None
+        if found is not None:
+            warnings = _warning_fields(found.warnings, found.missing_timestamps_s)
+            n_encoded = found.num_frames
+    else:
+        cached = cache.contains(key)
+        if cached:
+            sidecar = cache.store.read_sidecar(key.digest()) or {}
+            warnings = _warning_fields(sidecar.get("warnings") or [], sidecar.get("missing_timestamps_s") or [])
+            n_encoded = int((sidecar.get("shape") or [0])[0])
+    n_missing = len(json.loads(warnings["missing_timestamps_json"]))
+    # The tolerance of check_missing_frames, so a hit and a fresh decode get the same verdict.
+    if cached and n_missing and n_missing / (n_encoded + n_missing) > max_missing_frames_fraction + 1e-6:
+        message = (f"the cached entry lacks {n_missing} of {n_encoded + n_missing} sampled frames, more than "
+                   f"max_missing_frames_fraction={max_missing_frames_fraction}")
+        failed = _failure(source, "lookup", "partial_decode", message)
+        return {**failed, "sha256": sha, "digest": key.digest(), "hash_s": time.perf_counter() - start, **warnings}
     return {
         "source": source,
         "status": "cached" if cached else "todo",
@@ -265,22 +332,36 @@ def lookup_video(
         "reason": "",
         "message": "",
         "hash_s": time.perf_counter() - start,
+        **warnings,
     }
 
 
-def decode_row(row: dict[str, Any], *, fps: float, max_frames: int) -> dict[str, Any]:
+def decode_row(
+    row: dict[str, Any],
+    *,
+    fps: float,
+    max_frames: int,
+    max_missing_frames_fraction: float = DEFAULT_MAX_MISSING_FRAMES_FRACTION,
+) -> dict[str, Any]:
     """Decode one video; a :class:`VideoDecodeError` becomes a ``failed`` row.
+
+    A decode that lost more than ``max_missing_frames_fraction`` of its sampled frames
+    fails with ``partial_decode``.
 
     Returns:
         The input row plus ``frames`` (uint8 ``[F, H, W, 3]``; ``[0, 0, 0, 3]`` on failure),
-        ``timestamps_s``, ``duration_s``, ``source_fps``, ``decode_s`` and ``status``.
+        ``timestamps_s``, ``duration_s``, ``source_fps``, ``decode_s``, ``status`` and the
+        decode's ``warnings_json`` / ``missing_timestamps_json``.
     """
-    from d2vlm_ray.data.video import decode_video
+    from d2vlm_ray.data.video import check_missing_frames, decode_video
 
     start = time.perf_counter()
     out = dict(row)
+    out.update(_warning_fields([], []))
     try:
         decoded = decode_video(row["source"], fps, max_frames=max_frames or None)
+        out.update(_warning_fields(scrub_source(decoded.warnings, row["source"]), decoded.missing_timestamps_s))
+        check_missing_frames(decoded, max_missing_frames_fraction, row["source"])
     except VideoDecodeError as exc:
         out.update(_failure(row["source"], "decode", exc.reason, exc.message))
         out.update(frames=np.zeros((0, 0, 0, 3), np.uint8), timestamps_s=np.zeros(0), duration_s=0.0,
@@ -295,13 +376,17 @@ def decode_row(row: dict[str, Any], *, fps: float, max_frames: int) -> dict[str,
         decode_s=time.perf_counter() - start,
     )
     logger.info("decoded %s: %d frames in %.2f s", row["source"], len(decoded.frames), out["decode_s"])
+    if decoded.warnings:
+        logger.warning("decoding %s: %s", row["source"], "; ".join(scrub_source(decoded.warnings, row["source"])))
     return out
 
 
 def _result_row(row: dict[str, Any]) -> dict[str, Any]:
     """The small result row of a video that is not (or not yet) encoded: no frames, no bytes."""
-    out = {name: row.get(name, "") for name in ("source", "status", "stage", "reason", "message", "digest")}
+    names = ("source", "status", "stage", "reason", "message", "digest")
+    out = {name: row.get(name, "") for name in names}
     out.update(n_frames=0, bytes=0, decode_s=float(row.get("decode_s", 0.0)), encode_s=0.0)
+    out.update(_warning_fields(row_warnings(row), row_missing_timestamps_s(row)))
     return out
 
 
@@ -311,24 +396,30 @@ def encode_row(
     """Encode one decoded video and write its cache entry; failed rows pass through.
 
     Returns:
-        A small result row (no frames): ``source``, ``status`` (``computed`` / ``failed``),
-        ``stage``, ``reason``, ``message``, ``digest``, ``n_frames``, ``bytes``,
-        ``decode_s``, ``encode_s``.
+        A small result row (no frames): ``source``, ``status`` (``computed``, ``partial``
+        when the decode reported warnings, or ``failed``), ``stage``, ``reason``,
+        ``message``, ``digest``, ``n_frames``, ``bytes``, ``decode_s``, ``encode_s``,
+        ``warnings_json``, ``missing_timestamps_json``.
     """
     out = _result_row(row)
     if row.get("status") == "failed":
         return out
     start = time.perf_counter()
     key = FeatureKey(row["sha256"], float(fps), encoder.transform_id, encoder.encoder_id, int(max_frames))
+    warnings, missing_timestamps_s = row_warnings(row), row_missing_timestamps_s(row)
     try:
-        feats = encode_decoded(encoder, row["frames"], row["timestamps_s"], row["duration_s"], row["source_fps"])
+        feats = encode_decoded(
+            encoder, row["frames"], row["timestamps_s"], row["duration_s"], row["source_fps"],
+            warnings=warnings, missing_timestamps_s=missing_timestamps_s,
+        )
         before = cache.stats()["bytes_written"]
         cache.put(key, feats)
         written = cache.stats()["bytes_written"] - before
     except ValueError as exc:
         out.update(_failure(row["source"], "encode", "encode_error", str(exc)))
         return out
-    out.update(status="computed", stage="encode", digest=key.digest(), n_frames=feats.num_frames, bytes=written,
+    status = "partial" if warnings or missing_timestamps_s else "computed"
+    out.update(status=status, stage="encode", digest=key.digest(), n_frames=feats.num_frames, bytes=written,
                encode_s=time.perf_counter() - start)
     logger.info("encoded %s: %d frames, %d B in %.2f s", row["source"], feats.num_frames, written, out["encode_s"])
     return out
@@ -394,7 +485,7 @@ def _record_decode(row: dict[str, Any]) -> None:
 
 def _record_encode(row: dict[str, Any]) -> None:
     # The miss was counted by the look-up; only the bytes written are added here.
-    if row["status"] == "computed":
+    if row["status"] in ("computed", "partial"):
         telemetry.latency_ms("encode", 1000.0 * float(row["encode_s"]))
         telemetry.cache_written(int(row["bytes"]), "build_cache")
 
@@ -407,8 +498,13 @@ def _lookup_batch(batch: dict[str, np.ndarray], *, cache_kwargs: dict[str, Any],
     return _columns(rows)
 
 
-def _decode_batch(batch: dict[str, np.ndarray], *, fps: float, max_frames: int) -> dict[str, Any]:
-    rows = [decode_row(_plain(row), fps=fps, max_frames=max_frames) for row in _rows(batch)]
+def _decode_batch(
+    batch: dict[str, np.ndarray], *, fps: float, max_frames: int, max_missing_frames_fraction: float
+) -> dict[str, Any]:
+    rows = [
+        decode_row(_plain(row), fps=fps, max_frames=max_frames, max_missing_frames_fraction=max_missing_frames_fraction)
+        for row in _rows(batch)
+    ]
     for row in rows:
         _record_decode(row)
     return _columns(rows)
@@ -423,10 +519,17 @@ class EncodeFrames:
         fps: Sampling rate (key field).
         max_frames: Frame cap (key field).
         use_gpu: Put the encoder on ``cuda`` when one is visible.
+        max_missing_frames_fraction: The partial-decode policy (used where this actor decodes).
     """
 
     def __init__(
-        self, checkpoint: str, cache_kwargs: dict[str, Any], fps: float, max_frames: int, use_gpu: bool = False
+        self,
+        checkpoint: str,
+        cache_kwargs: dict[str, Any],
+        fps: float,
+        max_frames: int,
+        use_gpu: bool = False,
+        max_missing_frames_fraction: float = DEFAULT_MAX_MISSING_FRAMES_FRACTION,
     ) -> None:
         import torch
 
@@ -437,6 +540,7 @@ class EncodeFrames:
         self.cache = FeatureCache(cache_kwargs["root"], **{k: v for k, v in cache_kwargs.items() if k != "root"})
         self.fps = fps
         self.max_frames = max_frames
+        self.max_missing_frames_fraction = max_missing_frames_fraction
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         rows = [
@@ -462,9 +566,10 @@ class LookupDecodeEncode(EncodeFrames):
         fps: float,
         max_frames: int,
         use_gpu: bool = False,
+        max_missing_frames_fraction: float = DEFAULT_MAX_MISSING_FRAMES_FRACTION,
         verify: bool = False,
     ) -> None:
-        super().__init__(checkpoint, cache_kwargs, fps, max_frames, use_gpu)
+        super().__init__(checkpoint, cache_kwargs, fps, max_frames, use_gpu, max_missing_frames_fraction)
         self.verify = verify
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -473,12 +578,16 @@ class LookupDecodeEncode(EncodeFrames):
             looked = lookup_video(
                 str(source), self.cache, fps=self.fps, max_frames=self.max_frames,
                 transform_id=self.encoder.transform_id, encoder_id=self.encoder.encoder_id, verify=self.verify,
+                max_missing_frames_fraction=self.max_missing_frames_fraction,
             )
             _record_lookup(looked)
             if looked["status"] != "todo":
                 rows.append(_result_row(looked))
                 continue
-            decoded = decode_row(looked, fps=self.fps, max_frames=self.max_frames)
+            decoded = decode_row(
+                looked, fps=self.fps, max_frames=self.max_frames,
+                max_missing_frames_fraction=self.max_missing_frames_fraction,
+            )
             _record_decode(decoded)
             row = encode_row(decoded, self.encoder, self.cache, fps=self.fps, max_frames=self.max_frames)
             _record_encode(row)
@@ -564,8 +673,39 @@ def project_cache_bytes(cfg: BuildCacheConfig, *, workers: int = 4) -> dict[str,
     }
 
 
+def failure_table_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of the failures table: every ``failed`` video, and every ``partial`` one with its warnings.
+
+    A cached entry whose decode had warnings (written by an earlier run) is listed as
+    ``partial`` too, so that a rerun still shows every video whose features lack frames.
+
+    Returns:
+        One dict per listed video with :data:`_FAILURE_COLUMNS` (``warnings`` is a list).
+    """
+    out = []
+    for row in rows:
+        warnings = row_warnings(row)
+        if row["status"] == "failed":
+            status = "failed"
+        elif row["status"] in ("partial", "cached") and (warnings or row_missing_timestamps_s(row)):
+            status = "partial"
+        else:
+            continue
+        out.append({
+            "source": str(row["source"]),
+            "status": status,
+            "stage": str(row.get("stage", "")),
+            "reason": str(row.get("reason", "")) if status == "failed" else "partial",
+            "message": str(row.get("message", "")) if status == "failed" else "; ".join(warnings),
+            "warnings": warnings,
+        })
+    return out
+
+
 def _write_failures(rows: list[dict[str, Any]], run_dir: Path) -> Path:
-    table = pa.table({name: [str(r.get(name, "")) for r in rows] for name in _FAILURE_COLUMNS})
+    columns: dict[str, Any] = {name: [str(r[name]) for r in rows] for name in _FAILURE_COLUMNS if name != "warnings"}
+    columns["warnings"] = pa.array([list(r["warnings"]) for r in rows], type=pa.list_(pa.string()))
+    table = pa.table({name: columns[name] for name in _FAILURE_COLUMNS})
     path = run_dir / "failures.parquet"
     pq.write_table(table, path)
     (run_dir / "failures.json").write_text(json.dumps(table.to_pylist(), indent=1) + "\n", encoding="utf-8")
@@ -577,9 +717,10 @@ def build_cache(cfg: BuildCacheConfig) -> dict[str, Any]:
 
     Returns:
         The run summary (also written to ``<run_dir>/summary.json``): ``videos``, ``hits``
-        (already cached), ``computed``, ``decoded`` (videos sent to the decoder),
-        ``failed`` with ``failed_by_reason``, ``bytes_written``, ``seconds`` and
-        per-stage seconds, plus the cache root, checkpoint and encoder id.
+        (already cached; ``hits_partial`` of them hold a partial decode), ``computed``
+        (clean decodes), ``partial`` (computed with decode warnings), ``decoded`` (videos
+        sent to the decoder), ``failed`` with ``failed_by_reason``, ``bytes_written``,
+        ``seconds`` and per-stage seconds, plus the cache root, checkpoint and encoder id.
 
     Raises:
         SharedRootError: If the cache root cannot be shared across the cluster's nodes.
@@ -613,7 +754,8 @@ def build_cache(cfg: BuildCacheConfig) -> dict[str, Any]:
     stage_s: dict[str, float] = {}
 
     actor_kwargs = {"checkpoint": str(ckpt), "cache_kwargs": cache_kwargs, "fps": cfg.fps,
-                    "max_frames": cfg.max_frames, "use_gpu": cfg.num_gpus > 0}
+                    "max_frames": cfg.max_frames, "use_gpu": cfg.num_gpus > 0,
+                    "max_missing_frames_fraction": cfg.max_missing_frames_fraction}
     if cfg.decode_in_encoder:
         t0 = time.perf_counter()
         rows = [_plain(r) for r in ray.data.from_items([{"source": s} for s in sources]).map_batches(
@@ -625,7 +767,7 @@ def build_cache(cfg: BuildCacheConfig) -> dict[str, Any]:
             fn_constructor_kwargs={**actor_kwargs, "verify": cfg.cache.verify_existing},
         ).take_all()] if sources else []
         stage_s["lookup_decode_encode_write"] = time.perf_counter() - t0
-        hits = sum(r["status"] == "cached" for r in rows)
+        hit_rows = [r for r in rows if r["status"] == "cached"]
         failed_rows = [r for r in rows if r["status"] == "failed" and r["stage"] == "lookup"]
         # Rows that got past the look-up (computed, or failed while decoding or encoding).
         results = [r for r in rows if r["status"] != "cached" and r["stage"] != "lookup"]
@@ -638,28 +780,31 @@ def build_cache(cfg: BuildCacheConfig) -> dict[str, Any]:
             compute=TaskPoolStrategy(size=cfg.decode_tasks),
             num_cpus=cfg.decode_num_cpus,
             fn_kwargs={"cache_kwargs": cache_kwargs, "fps": cfg.fps, "max_frames": cfg.max_frames,
-                       "verify": cfg.cache.verify_existing, **ids},
+                       "verify": cfg.cache.verify_existing,
+                       "max_missing_frames_fraction": cfg.max_missing_frames_fraction, **ids},
         ).take_all()] if sources else []
         stage_s["lookup"] = time.perf_counter() - t0
         todo = [r for r in looked if r["status"] == "todo"]
-        hits = sum(r["status"] == "cached" for r in looked)
+        hit_rows = [r for r in looked if r["status"] == "cached"]
         failed_rows = [r for r in looked if r["status"] == "failed"]
         n_decoded = len(todo)
-        logger.info("lookup: %d cached, %d to compute, %d failed (%.1f s)", hits, len(todo), len(failed_rows),
+        logger.info("lookup: %d cached, %d to compute, %d failed (%.1f s)", len(hit_rows), len(todo), len(failed_rows),
                     stage_s["lookup"])
 
         t0 = time.perf_counter()
         results = []
         if todo:
-            items = [{k: r[k] for k in ("source", "sha256", "digest", "status", "stage", "reason", "message")}
-                     for r in todo]
+            fields = ("source", "sha256", "digest", "status", "stage", "reason", "message", "warnings_json",
+                      "missing_timestamps_json")
+            items = [{k: r[k] for k in fields} for r in todo]
             decoded = ray.data.from_items(items).map_batches(
                 _decode_batch,
                 batch_size=1,
                 compute=TaskPoolStrategy(size=cfg.decode_tasks),
                 num_cpus=cfg.decode_num_cpus,
                 memory=cfg.decode_memory_bytes or None,
-                fn_kwargs={"fps": cfg.fps, "max_frames": cfg.max_frames},
+                fn_kwargs={"fps": cfg.fps, "max_frames": cfg.max_frames,
+                           "max_missing_frames_fraction": cfg.max_missing_frames_fraction},
             )
             encoded = decoded.map_batches(
                 EncodeFrames,
@@ -671,10 +816,11 @@ def build_cache(cfg: BuildCacheConfig) -> dict[str, Any]:
             )
             results = [_plain(r) for r in encoded.take_all()]
         stage_s["decode_encode_write"] = time.perf_counter() - t0
-    computed = [r for r in results if r["status"] == "computed"]
+    written = [r for r in results if r["status"] in ("computed", "partial")]
+    partial = [r for r in written if r["status"] == "partial"]
     failed_rows += [r for r in results if r["status"] == "failed"]
-    logger.info("decode+encode: %d computed, %d failed (%.1f s)", len(computed),
-                sum(r["status"] == "failed" for r in results), time.perf_counter() - t0)
+    logger.info("decode+encode: %d computed, %d partial, %d failed (%.1f s)", len(written) - len(partial),
+                len(partial), sum(r["status"] == "failed" for r in results), time.perf_counter() - t0)
 
     t0 = time.perf_counter()
     driver_cache = FeatureCache(cfg.cache.root, memory_bytes=0, quota_bytes=cfg.cache.quota_bytes or None,
@@ -682,19 +828,25 @@ def build_cache(cfg: BuildCacheConfig) -> dict[str, Any]:
     evicted = driver_cache.enforce_quota()
     index = driver_cache.compact_index()
     stage_s["index"] = time.perf_counter() - t0
-    failures_path = _write_failures(failed_rows, run_dir)
+    listed = failure_table_rows([*failed_rows, *partial, *hit_rows])
+    failures_path = _write_failures(listed, run_dir)
+    for row in listed:
+        if row["status"] == "partial":
+            logger.warning("partial decode of %s: %s", row["source"], row["message"])
     summary = {
         "videos": len(sources),
         "malformed_records": malformed,
-        "hits": hits,
-        "computed": len(computed),
+        "hits": len(hit_rows),
+        "hits_partial": sum(r["status"] == "partial" and r["stage"] == "lookup" for r in listed),
+        "computed": len(written) - len(partial),
+        "partial": len(partial),
         "decoded": n_decoded,
         "failed": len(failed_rows),
         "failed_by_reason": dict(Counter(r["reason"] for r in failed_rows)),
-        "frames": sum(int(r["n_frames"]) for r in computed),
-        "bytes_written": sum(int(r["bytes"]) for r in computed),
+        "frames": sum(int(r["n_frames"]) for r in written),
+        "bytes_written": sum(int(r["bytes"]) for r in written),
         "decode_s": round(sum(float(r["decode_s"]) for r in results), 3),
-        "encode_s": round(sum(float(r["encode_s"]) for r in computed), 3),
+        "encode_s": round(sum(float(r["encode_s"]) for r in written), 3),
         "stage_seconds": {k: round(v, 3) for k, v in stage_s.items()},
         "seconds": round(time.perf_counter() - start, 3),
         "evicted": len(evicted),
@@ -706,6 +858,6 @@ def build_cache(cfg: BuildCacheConfig) -> dict[str, Any]:
         "failures": str(failures_path),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    logger.info("build_cache done: %s", json.dumps({k: summary[k] for k in ("videos", "hits", "computed", "failed",
-                                                                         "bytes_written", "seconds")}))
+    headline = ("videos", "hits", "computed", "partial", "failed", "bytes_written", "seconds")
+    logger.info("build_cache done: %s", json.dumps({k: summary[k] for k in headline}))
     return summary

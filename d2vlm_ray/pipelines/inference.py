@@ -35,6 +35,11 @@ q`` and ``o, p, g, src`` where the task has them) plus:
 * ``pred_spans_s``: the spans of the ``<evi>`` tokens after ``</evi>`` (the answer's
   events); ``grounding_spans_s``: those before it (the evidence);
 * ``n_input_tokens``, ``n_output_tokens``, ``n_frames``, ``truncated``, ``cache_hit``;
+* ``warnings`` (the video decode's warnings: frames it could not decode, suspect
+  metadata; empty for a clean decode, also on a cache hit) and ``missing_timestamps_s``
+  (the sampled frames the model did not see). A decode that lost more than
+  ``max_missing_frames_fraction`` of its sampled frames fails the sample with
+  ``video:partial_decode``. The metric readers ignore both keys;
 * ``status`` (``ok`` or ``failed``) and ``error`` (``{"reason", "message"}``). Reasons:
   ``video:<reason>`` for :class:`~d2vlm_ray.data.video.VideoDecodeError` reasons
   (``video:corrupt``, ``video:not_found`` ...), ``video:io_error`` for other read
@@ -225,6 +230,9 @@ class EvaluateConfig:
         fps: Frame sampling rate.
         max_frames: Frame cap per video (0 = none).
         max_duration_s: Fail videos whose annotated duration exceeds this (0 = no limit).
+        max_missing_frames_fraction: Fail samples whose video decode lost a larger share
+            of its sampled frames (``video:partial_decode``); smaller losses are predicted
+            and the record carries the decode's ``warnings``.
         max_input_tokens: Prompt + frame tokens allowed (0 = the model's positions minus
             ``max_new_tokens``, at least half the positions).
         blank_frames: Feed an all-black clip of the video's length instead of the video.
@@ -251,6 +259,7 @@ class EvaluateConfig:
     fps: float = 1.0
     max_frames: int = 0
     max_duration_s: float = 0.0
+    max_missing_frames_fraction: float = 0.1
     max_input_tokens: int = 0
     blank_frames: bool = False
     retry_failed: bool = False
@@ -276,6 +285,8 @@ class EvaluateConfig:
                 raise ValueError(f"{name} must be >= 0")
         if self.max_duration_s < 0:
             raise ValueError("max_duration_s must be >= 0")
+        if not 0.0 <= self.max_missing_frames_fraction <= 1.0:
+            raise ValueError("max_missing_frames_fraction must be in [0, 1]")
         from d2vlm_ray.eval.etbench import VARIANTS
 
         if self.etbench_variant not in VARIANTS:
@@ -504,6 +515,7 @@ def inference_fingerprint(cfg: EvaluateConfig) -> dict[str, Any]:
         "fps": cfg.fps,
         "max_frames": cfg.max_frames,
         "max_duration_s": cfg.max_duration_s,
+        "max_missing_frames_fraction": cfg.max_missing_frames_fraction,
         "max_input_tokens": cfg.max_input_tokens,
         "blank_frames": cfg.blank_frames,
         "dtype": cfg.compute.dtype,
@@ -511,11 +523,22 @@ def inference_fingerprint(cfg: EvaluateConfig) -> dict[str, Any]:
     }
 
 
+FINGERPRINT_DEFAULTS: dict[str, Any] = {"max_missing_frames_fraction": 1.0}
+"""Fingerprint entries added later, with the value that older runs effectively used.
+
+Before the partial-decode policy existed every partial decode was predicted, silently
+(a limit of 1): resuming such a run under another limit is refused like any other
+changed setting, rather than mixing predictions made under two policies.
+"""
+
+
 def _check_resume(cfg: EvaluateConfig, out_dir: Path, store: ShardStore) -> None:
     path = out_dir / SETTINGS_FILE
     current = inference_fingerprint(cfg)
     if path.is_file() and store.shard_paths():
         previous = json.loads(path.read_text(encoding="utf-8"))
+        # Runs from before a setting existed ran under its default: compare with that.
+        previous = {k: FINGERPRINT_DEFAULTS[k] for k in FINGERPRINT_DEFAULTS if k not in previous} | previous
         changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
         if changed:
             raise ValueError(
@@ -537,8 +560,18 @@ class SampleFailure(Exception):
         self.message = message
 
 
-def failed_prediction(base: Mapping[str, Any], reason: str, message: str) -> dict[str, Any]:
-    """The prediction record of a sample that failed (empty answer, counts as a failure)."""
+def failed_prediction(
+    base: Mapping[str, Any],
+    reason: str,
+    message: str,
+    *,
+    warnings: Sequence[str] = (),
+    missing_timestamps_s: Sequence[float] = (),
+) -> dict[str, Any]:
+    """The prediction record of a sample that failed (empty answer, counts as a failure).
+
+    ``warnings`` / ``missing_timestamps_s`` are the video decode's, where it got that far.
+    """
     return dict(base) | {
         "a": "",
         "pred_spans_s": [],
@@ -550,6 +583,8 @@ def failed_prediction(base: Mapping[str, Any], reason: str, message: str) -> dic
         "cache_hit": False,
         "status": "failed",
         "error": {"reason": reason, "message": message},
+        "warnings": [str(w) for w in warnings],
+        "missing_timestamps_s": [float(t) for t in missing_timestamps_s],
     }
 
 
@@ -592,12 +627,16 @@ class VideoFeatures(NamedTuple):
         timestamps_s: Frame times ``[F]``.
         duration_s: Video duration.
         cache_hit: Whether the feature cache served them.
+        warnings: The video decode's warnings (empty for a clean decode or blank frames).
+        missing_timestamps_s: Sampled frames the decode lost.
     """
 
     patches: Any
     timestamps_s: np.ndarray
     duration_s: float
     cache_hit: bool
+    warnings: tuple[str, ...] = ()
+    missing_timestamps_s: tuple[float, ...] = ()
 
 
 # (position in the batch, record, features, input token count) of a sample ready to generate.
@@ -663,7 +702,12 @@ class PredictBatch:
             )
         try:
             feats, hit = features_for_video(
-                self.cache, self.encoder, record["video"], fps=self.cfg.fps, max_frames=self.cfg.max_frames or None
+                self.cache,
+                self.encoder,
+                record["video"],
+                fps=self.cfg.fps,
+                max_frames=self.cfg.max_frames or None,
+                max_missing_frames_fraction=self.cfg.max_missing_frames_fraction,
             )
         except VideoDecodeError as exc:
             raise SampleFailure(f"video:{exc.reason}", str(exc)) from None
@@ -671,8 +715,15 @@ class PredictBatch:
             raise SampleFailure("video:not_found", str(exc)) from None
         except OSError as exc:
             raise SampleFailure("video:io_error", f"{type(exc).__name__}: {exc}") from None
+        if feats.warnings:
+            logger.warning("video %s: %s", record["video"], "; ".join(feats.warnings))
         return VideoFeatures(
-            feats.patches, np.asarray(feats.timestamps_s, dtype=np.float64), float(feats.duration_s), bool(hit)
+            feats.patches,
+            np.asarray(feats.timestamps_s, dtype=np.float64),
+            float(feats.duration_s),
+            bool(hit),
+            tuple(feats.warnings),
+            tuple(feats.missing_timestamps_s),
         )
 
     def features(self, record: Mapping[str, Any]) -> VideoFeatures:
@@ -739,6 +790,8 @@ class PredictBatch:
             "cache_hit": feats.cache_hit,
             "status": "ok",
             "error": None,
+            "warnings": list(feats.warnings),
+            "missing_timestamps_s": list(feats.missing_timestamps_s),
         }
         if settings.do_sample:
             out["seed"] = settings.seed
@@ -760,7 +813,13 @@ class PredictBatch:
                 feats = video_memo[key]
                 if isinstance(feats, SampleFailure):
                     raise feats
-                ready.append((i, record, feats, self._prepare(record, feats)))
+                try:
+                    ready.append((i, record, feats, self._prepare(record, feats)))
+                except SampleFailure as exc:
+                    outputs[i] = failed_prediction(
+                        base, exc.reason, exc.message,
+                        warnings=feats.warnings, missing_timestamps_s=feats.missing_timestamps_s,
+                    )
             except SampleFailure as exc:
                 outputs[i] = failed_prediction(base, exc.reason, exc.message)
         # Group by decode settings: sampled decoding runs one sample at a time (its own seed).
@@ -787,7 +846,10 @@ class PredictBatch:
                 base = samples[i][2]
                 if isinstance(result, Exception):
                     reason = "bad_input" if isinstance(result, ValueError) else "generation_error"
-                    outputs[i] = failed_prediction(base, reason, f"{type(result).__name__}: {result}")
+                    outputs[i] = failed_prediction(
+                        base, reason, f"{type(result).__name__}: {result}",
+                        warnings=feats.warnings, missing_timestamps_s=feats.missing_timestamps_s,
+                    )
                 else:
                     outputs[i] = self._prediction(base, result, feats, n_input, settings)
         return [o for o in outputs if o is not None]
@@ -907,7 +969,7 @@ def evaluate(cfg: EvaluateConfig | Mapping[str, Any]) -> dict[str, Any]:
 
     Returns:
         ``metrics`` (as in ``metrics.json``), counts (``n_samples``, ``n_predicted`` now,
-        ``n_resumed``, ``n_failed``, ``n_truncated``), ``seed`` and the written paths
+        ``n_resumed``, ``n_failed``, ``n_truncated``, ``n_with_decode_warnings``), ``seed`` and the written paths
         (``output_dir``, ``predictions``, ``metrics_path``, ``summary``, ``plots``).
 
     Raises:
@@ -954,6 +1016,7 @@ def evaluate(cfg: EvaluateConfig | Mapping[str, Any]) -> dict[str, Any]:
         "n_samples": len(selected),
         "n_predicted": n_predicted,
         "n_resumed": len(selected) - len(todo),
+        "n_with_decode_warnings": sum(bool(p.get("warnings")) for p in predictions),
         "annotation_errors": sample_set.annotation_errors,
         "inference_s": round(infer_s, 3),
         "samples_per_s": round(n_predicted / infer_s, 3) if n_predicted and infer_s > 0 else None,
@@ -977,6 +1040,11 @@ def evaluate(cfg: EvaluateConfig | Mapping[str, Any]) -> dict[str, Any]:
         "evaluate: %d predictions (%d new, %d failed, %d truncated) in %.1f s -> %s",
         len(predictions), n_predicted, counts.get("failed", 0), counts.get("truncated", 0), total_s, out_dir,
     )
+    if run_info["n_with_decode_warnings"]:
+        logger.warning(
+            "evaluate: %d predictions were made on videos whose decode reported warnings (lost frames); "
+            "see their 'warnings' in %s", run_info["n_with_decode_warnings"], predictions_path,
+        )
     return {
         "metrics": metrics,
         "n_samples": len(selected),
@@ -984,6 +1052,7 @@ def evaluate(cfg: EvaluateConfig | Mapping[str, Any]) -> dict[str, Any]:
         "n_resumed": len(selected) - len(todo),
         "n_failed": counts.get("failed", 0),
         "n_truncated": counts.get("truncated", 0),
+        "n_with_decode_warnings": run_info["n_with_decode_warnings"],
         "seed": cfg.decoding.seed,
         "output_dir": str(out_dir),
         "predictions": str(predictions_path),

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from d2vlm_ray.cache import DEFAULT_MAX_MISSING_FRAMES_FRACTION
 from d2vlm_ray.serving.core import FeatureSettings
 
 QUICKSTART_HINT = (
@@ -43,6 +44,9 @@ class ServeArgs(BaseModel):
         max_video_duration_s: Longest video (413 beyond).
         fps: Frame sampling rate.
         max_frames: Frame cap per video.
+        max_missing_frames_fraction: Largest share of a video's sampled frames its decode
+            may lose; beyond it the request gets 422 ``partial_decode``, within it the
+            response lists the lost frames and the decoder's ``warnings``.
         dtype: Grounder/Answerer compute dtype (``float64`` for parity checks).
         encoder_dtype: FrameEncoder compute dtype.
         device: ``auto`` (GPU if visible), ``cpu`` or ``cuda``.
@@ -74,6 +78,7 @@ class ServeArgs(BaseModel):
     max_video_duration_s: float | None = Field(600.0, gt=0)
     fps: float = Field(1.0, gt=0)
     max_frames: int | None = Field(128, ge=1)
+    max_missing_frames_fraction: float = Field(DEFAULT_MAX_MISSING_FRAMES_FRACTION, ge=0, le=1)
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
     encoder_dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
     device: str = "auto"
@@ -140,7 +145,12 @@ class ServeArgs(BaseModel):
 
     def feature_settings(self) -> FeatureSettings:
         """Sampling and limits for :class:`~d2vlm_ray.serving.core.FeatureService`."""
-        return FeatureSettings(fps=self.fps, max_frames=self.max_frames, max_duration_s=self.max_video_duration_s)
+        return FeatureSettings(
+            fps=self.fps,
+            max_frames=self.max_frames,
+            max_duration_s=self.max_video_duration_s,
+            max_missing_frames_fraction=self.max_missing_frames_fraction,
+        )
 
     def validation_context(self, *, upload: bool) -> dict[str, Any]:
         """The context :mod:`d2vlm_ray.serving.schemas` validates requests with."""

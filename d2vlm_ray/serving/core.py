@@ -33,10 +33,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from d2vlm_ray.cache import CachedFeatures, FeatureCache, feature_key, video_sha256
-from d2vlm_ray.cache.features import encode_decoded
+from d2vlm_ray.cache import (
+    DEFAULT_MAX_MISSING_FRAMES_FRACTION,
+    CachedFeatures,
+    FeatureCache,
+    check_missing_fraction,
+    feature_key,
+    video_sha256,
+)
+from d2vlm_ray.cache.features import encode_video
 from d2vlm_ray.config.schema import DecodeSettings, ModelConfig
-from d2vlm_ray.data.video import VideoDecodeError, decode_video
+from d2vlm_ray.data.video import VideoDecodeError, check_missing_frames, decode_video
 from d2vlm_ray.model.builders import Tokenizers
 from d2vlm_ray.model.checkpoint import CONFIG_NAME, FORMAT, from_pretrained, load_frame_encoder
 from d2vlm_ray.model.d2vlm import D2VLM
@@ -72,11 +79,15 @@ class FeatureSettings:
         fps: Frame sampling rate (part of the cache key).
         max_frames: Frame cap (part of the cache key; ``None`` for none).
         max_duration_s: Longer videos are refused with 413 (``None`` for no limit).
+        max_missing_frames_fraction: A decode that lost a larger share of its sampled
+            frames is refused with 422 ``partial_decode``; a smaller loss is served with
+            its warnings. Checked on cache hits too.
     """
 
     fps: float = 1.0
     max_frames: int | None = 128
     max_duration_s: float | None = None
+    max_missing_frames_fraction: float = DEFAULT_MAX_MISSING_FRAMES_FRACTION
 
 
 @dataclass
@@ -103,6 +114,8 @@ class FeatureResult:
             duration_s=self.features.duration_s,
             cache_hit=self.cache_hit,
             timings_ms=dict(self.timings_ms),
+            warnings=list(self.features.warnings),
+            missing_timestamps_s=list(self.features.missing_timestamps_s),
         )
 
 
@@ -116,6 +129,8 @@ class FeatureRef:
         duration_s: Video duration.
         cache_hit: Whether the FrameEncoder found the entry already cached.
         timings_ms: The FrameEncoder's timings.
+        warnings: The decode's warnings (empty for a clean decode), for the response.
+        missing_timestamps_s: Sampled frames the decode lost, for the response.
     """
 
     key: FeatureKey
@@ -123,6 +138,8 @@ class FeatureRef:
     duration_s: float
     cache_hit: bool
     timings_ms: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
+    missing_timestamps_s: list[float] = field(default_factory=list)
 
 
 def _decode_error(exc: VideoDecodeError) -> ServiceError:
@@ -197,10 +214,13 @@ class FeatureService:
     def features(self, source: str) -> FeatureResult:
         """Features of ``source`` (a local path or fsspec URL), from the cache when possible.
 
-        Concurrent requests for the same video in one process decode it once.
+        Concurrent requests for the same video in one process decode it once. The result
+        carries the decode's warnings and missing frame times, from the cache on a hit.
 
         Raises:
-            BadVideo: The video is missing, unreadable or not a video (``reason`` says which).
+            BadVideo: The video is missing, unreadable or not a video (``reason`` says which),
+                or (``partial_decode``) its decode lost more than
+                ``settings.max_missing_frames_fraction`` of the sampled frames.
             TooLarge: The video is longer than ``settings.max_duration_s``.
         """
         self._count(requests=1)
@@ -222,18 +242,21 @@ class FeatureService:
             if found is not None:
                 self._count(cache_hits=1)
                 self._check_duration(found.duration_s)
+                try:
+                    check_missing_fraction(found, s.max_missing_frames_fraction, source)
+                except VideoDecodeError as exc:
+                    raise _decode_error(exc) from None
                 return FeatureResult(key, found, True, timings)
             start = time.perf_counter()
             try:
                 decoded = decode_video(source, s.fps, max_frames=s.max_frames, max_duration_s=s.max_duration_s)
+                self._count(decodes=1)
+                check_missing_frames(decoded, s.max_missing_frames_fraction, source)
             except VideoDecodeError as exc:
                 raise _decode_error(exc) from None
-            self._count(decodes=1)
             timings["decode"] = _ms(start)
             start = time.perf_counter()
-            feats = encode_decoded(
-                self.encoder, decoded.frames, decoded.timestamps_s, decoded.duration_s, decoded.source_fps
-            )
+            feats = encode_video(self.encoder, decoded, source)
             self._count(encodes=1, frames_encoded=feats.num_frames)
             timings["encode"] = _ms(start)
             if self.cache is not None:
@@ -570,9 +593,19 @@ class AnsweringService(_ModelService):
 
 
 def grounding_payload(
-    grounding: GroundingResult, tokenizer: Any, *, cache_hit: bool, timings_ms: dict[str, float]
+    grounding: GroundingResult,
+    tokenizer: Any,
+    *,
+    cache_hit: bool,
+    timings_ms: dict[str, float],
+    warnings: Sequence[str] = (),
+    missing_timestamps_s: Sequence[float] = (),
 ) -> dict[str, Any]:
-    """The ``/v1/ground`` response body for one grounding result."""
+    """The ``/v1/ground`` response body for one grounding result.
+
+    ``warnings`` and ``missing_timestamps_s`` are the video decode's (see
+    :class:`FeatureRef`): a response on a partially decoded video says so.
+    """
     ids = TokenIds.from_tokenizer(tokenizer)
     tokens = grounding.token_ids
     return {
@@ -584,6 +617,8 @@ def grounding_payload(
         "complete": bool(tokens) and tokens[-1] in (ids.evi_end, ids.end),
         "cache": "hit" if cache_hit else "miss",
         "timings_ms": dict(timings_ms),
+        "warnings": [str(w) for w in warnings],
+        "missing_timestamps_s": [float(t) for t in missing_timestamps_s],
     }
 
 
@@ -624,8 +659,14 @@ def answer_payload(
     *,
     cache_hit: bool,
     timings_ms: dict[str, float],
+    warnings: Sequence[str] = (),
+    missing_timestamps_s: Sequence[float] = (),
 ) -> dict[str, Any]:
-    """The ``/v1/answer`` response body: answer text, evidence references and the grounding."""
+    """The ``/v1/answer`` response body: answer text, evidence references and the grounding.
+
+    The decode's ``warnings`` and ``missing_timestamps_s`` appear at the top level and in
+    the nested grounding.
+    """
     n_ground = len(grounding.token_ids)
     answer_ids = result.token_ids[n_ground:]
     answer_spans = result.spans_s[len(grounding.spans_s) :]
@@ -634,8 +675,17 @@ def answer_payload(
         "evidence": evidence_refs(tokenizer, answer_ids, answer_spans),
         "response": result.text,
         "truncated": bool(result.truncated),
-        "grounding": grounding_payload(grounding, tokenizer, cache_hit=cache_hit, timings_ms={}),
+        "grounding": grounding_payload(
+            grounding,
+            tokenizer,
+            cache_hit=cache_hit,
+            timings_ms={},
+            warnings=warnings,
+            missing_timestamps_s=missing_timestamps_s,
+        ),
         "timings_ms": dict(timings_ms),
+        "warnings": [str(w) for w in warnings],
+        "missing_timestamps_s": [float(t) for t in missing_timestamps_s],
     }
 
 
@@ -696,5 +746,11 @@ class LocalPipeline:
         timings = {"features": sum(feats.timings_ms.values()), "ground": ground_ms, "answer": _ms(start)}
         timings["total"] = _ms(total)
         return answer_payload(
-            grounding, result, self.answering.tokenizers.llm, cache_hit=feats.cache_hit, timings_ms=timings
+            grounding,
+            result,
+            self.answering.tokenizers.llm,
+            cache_hit=feats.cache_hit,
+            timings_ms=timings,
+            warnings=feats.features.warnings,
+            missing_timestamps_s=feats.features.missing_timestamps_s,
         )

@@ -358,7 +358,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     for code, text in (
         (403, "path outside the media roots, or URL scheme not allowed"),
         (413, "video too long, or upload/body too large"),
-        (422, "invalid request, or a video that cannot be decoded"),
+        (422, "invalid request, or a video that cannot be decoded (or lost too many frames: partial_decode)"),
         (503, "overloaded (see Retry-After)"),
         (504, "deadline exceeded"),
     )
@@ -698,7 +698,14 @@ class Ingress:
             grounding, ref, timings = await self._ground(parsed, req.query, self._deadline(req))
             timings["total"] = round((time.perf_counter() - total) * 1000.0, 3)
             _record_request(ref, timings)
-            body = grounding_payload(grounding, self.tokenizer, cache_hit=ref.cache_hit, timings_ms=timings)
+            body = grounding_payload(
+                grounding,
+                self.tokenizer,
+                cache_hit=ref.cache_hit,
+                timings_ms=timings,
+                warnings=ref.warnings,
+                missing_timestamps_s=ref.missing_timestamps_s,
+            )
             return JSONResponse(GroundResponse.model_validate(body).model_dump(mode="json"))
 
         return await self._guarded(work)
@@ -730,7 +737,15 @@ class Ingress:
             timings["total"] = round((time.perf_counter() - total) * 1000.0, 3)
             _record_request(ref, timings)
             telemetry.evidence_spans(len(result.spans_idx), "serve")
-            body = answer_payload(grounding, result, self.tokenizer, cache_hit=ref.cache_hit, timings_ms=timings)
+            body = answer_payload(
+                grounding,
+                result,
+                self.tokenizer,
+                cache_hit=ref.cache_hit,
+                timings_ms=timings,
+                warnings=ref.warnings,
+                missing_timestamps_s=ref.missing_timestamps_s,
+            )
             return JSONResponse(AnswerResponse.model_validate(body).model_dump(mode="json"))
 
         return await self._guarded(work)
@@ -742,7 +757,14 @@ class Ingress:
         stream = None
         finished = False
         try:
-            ground_body = grounding_payload(item.grounding, self.tokenizer, cache_hit=ref.cache_hit, timings_ms={})
+            ground_body = grounding_payload(
+                item.grounding,
+                self.tokenizer,
+                cache_hit=ref.cache_hit,
+                timings_ms={},
+                warnings=ref.warnings,
+                missing_timestamps_s=ref.missing_timestamps_s,
+            )
             yield _event("grounding", ground_body)
             start = time.perf_counter()
             stream = self.answerer.options(stream=True).answer_stream.remote(item)
@@ -764,7 +786,15 @@ class Ingress:
                     continue
                 timings["answer"] = round((time.perf_counter() - start) * 1000.0, 3)
                 timings["total"] = round((time.perf_counter() - total) * 1000.0, 3)
-                body = answer_payload(item.grounding, step, self.tokenizer, cache_hit=ref.cache_hit, timings_ms=timings)
+                body = answer_payload(
+                    item.grounding,
+                    step,
+                    self.tokenizer,
+                    cache_hit=ref.cache_hit,
+                    timings_ms=timings,
+                    warnings=ref.warnings,
+                    missing_timestamps_s=ref.missing_timestamps_s,
+                )
                 finished = True
                 yield _event("answer", AnswerResponse.model_validate(body).model_dump(mode="json"))
                 return

@@ -158,6 +158,13 @@ class GroundResponse(BaseModel):
     complete: bool = Field(description="False if the grounding hit its token bound before </evi>.")
     cache: Literal["hit", "miss"] = Field(description="Whether the video's features came from the cache.")
     timings_ms: dict[str, float]
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What decoding the video lost or doubted (frames that failed, suspect metadata); empty when clean.",
+    )
+    missing_timestamps_s: list[float] = Field(
+        default_factory=list, description="Presentation times of sampled frames that could not be decoded."
+    )
 
 
 class EvidenceRef(BaseModel):
@@ -178,6 +185,13 @@ class AnswerResponse(BaseModel):
     truncated: bool = Field(description="True if the answer hit its token bound.")
     grounding: GroundResponse
     timings_ms: dict[str, float]
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What decoding the video lost or doubted (frames that failed, suspect metadata); empty when clean.",
+    )
+    missing_timestamps_s: list[float] = Field(
+        default_factory=list, description="Presentation times of sampled frames that could not be decoded."
+    )
 
 
 class ErrorResponse(BaseModel):

@@ -10,11 +10,17 @@ loop once the cache is built; a miss falls back to decoding and encoding on the 
 :func:`d2vlm_ray.cache.features_for_video`, which also writes the entry for next time.
 The frame encoder for that fallback is loaded lazily from the initial checkpoint, in
 float32, so on-the-fly features equal the cached ones and land under the same key.
+
+**Partial decodes.** Features of a video whose decode lost frames carry the decoder's
+warnings (from the cache entry on a hit). :class:`FeatureSource` logs them once per
+video and counts such videos (``feature_partial_videos`` in its stats); a decode that
+lost more than ``max_missing_frames_fraction`` of its frames raises ``partial_decode``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -24,7 +30,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from d2vlm_ray.cache import CachedFeatures, FeatureCache, feature_key, features_for_video, video_sha256
+from d2vlm_ray.cache import (
+    DEFAULT_MAX_MISSING_FRAMES_FRACTION,
+    CachedFeatures,
+    FeatureCache,
+    check_missing_fraction,
+    feature_key,
+    features_for_video,
+    video_sha256,
+)
 from d2vlm_ray.data.annotations import read_evi_json
 from d2vlm_ray.model.builders import Tokenizers
 from d2vlm_ray.model.inputs import D2VLMBatch, build_batch
@@ -32,6 +46,8 @@ from d2vlm_ray.model.preference import PairBatch, build_pair_batch
 from d2vlm_ray.types import PreferencePair, VideoRecord
 
 FeatureFn = Callable[[str], CachedFeatures]
+
+logger = logging.getLogger(__name__)
 
 
 class FeatureMissingError(LookupError):
@@ -115,6 +131,8 @@ class FeatureSource:
         fps: Sampling rate.
         max_frames: Frame cap (0 = none).
         decode_on_miss: Decode on a miss; when false, a miss raises :class:`FeatureMissingError`.
+        max_missing_frames_fraction: Largest share of a video's sampled frames its decode
+            may lose (checked on hits too); beyond it ``VideoDecodeError("partial_decode")``.
     """
 
     def __init__(
@@ -125,16 +143,27 @@ class FeatureSource:
         fps: float = 1.0,
         max_frames: int = 0,
         decode_on_miss: bool = True,
+        max_missing_frames_fraction: float = DEFAULT_MAX_MISSING_FRAMES_FRACTION,
     ) -> None:
         self.encoder = encoder
         self.cache = cache
         self.fps = fps
         self.max_frames = max_frames or None
         self.decode_on_miss = decode_on_miss
+        self.max_missing_frames_fraction = max_missing_frames_fraction
         self.hits = 0
         self.misses = 0
+        self.partial_videos: dict[str, list[str]] = {}
 
     def __call__(self, video: str) -> CachedFeatures:
+        feats = self._features(video)
+        if feats.warnings and video not in self.partial_videos:
+            # Once per video: a training run reads each video every epoch.
+            self.partial_videos[video] = list(feats.warnings)
+            logger.warning("features of %s come from a partial decode: %s", video, "; ".join(feats.warnings))
+        return feats
+
+    def _features(self, video: str) -> CachedFeatures:
         if self.cache is not None and not self.decode_on_miss:
             key = feature_key(self.encoder, video_sha256(video), self.fps, self.max_frames)
             found = self.cache.get(key)
@@ -144,8 +173,15 @@ class FeatureSource:
                     "build the feature cache first or set data.decode_on_miss=true"
                 )
             self.hits += 1
-            return found
-        feats, hit = features_for_video(self.cache, self.encoder, video, fps=self.fps, max_frames=self.max_frames)
+            return check_missing_fraction(found, self.max_missing_frames_fraction, video)
+        feats, hit = features_for_video(
+            self.cache,
+            self.encoder,
+            video,
+            fps=self.fps,
+            max_frames=self.max_frames,
+            max_missing_frames_fraction=self.max_missing_frames_fraction,
+        )
         if hit:
             self.hits += 1
         else:
@@ -153,8 +189,12 @@ class FeatureSource:
         return feats
 
     def stats(self) -> dict[str, float]:
-        """Cumulative ``feature_hits`` / ``feature_misses`` of this process."""
-        return {"feature_hits": float(self.hits), "feature_misses": float(self.misses)}
+        """Cumulative ``feature_hits`` / ``feature_misses`` / ``feature_partial_videos`` of this process."""
+        return {
+            "feature_hits": float(self.hits),
+            "feature_misses": float(self.misses),
+            "feature_partial_videos": float(len(self.partial_videos)),
+        }
 
 
 def mapping_features(features: Mapping[str, CachedFeatures]) -> FeatureFn:
