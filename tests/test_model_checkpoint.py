@@ -190,3 +190,18 @@ def test_official_state_dict_carries_the_qformer_position_ids() -> None:
     pos = official["model.qformer_bert.bert.embeddings.position_ids"]
     rows = official["model.qformer_bert.bert.embeddings.position_embeddings.weight"].shape[0]
     assert pos.dtype == torch.long and torch.equal(pos, torch.arange(rows)[None])
+
+
+def test_official_dir_without_llm_sizes_is_a_clear_error(tmp_path) -> None:
+    import json
+
+    from tests.helpers_model import parity_config, write_official_dir
+
+    tok = tiny_tokenizers()
+    write_official_dir(build_d2vlm(parity_config(), tok), parity_config(), tok, tmp_path / "official")
+    meta = json.loads((tmp_path / "official" / "config.json").read_text())
+    del meta["hidden_size"]
+    (tmp_path / "official" / "config.json").write_text(json.dumps(meta))
+    tok.qformer.save_pretrained(str(tmp_path / "qtok"))
+    with pytest.raises(ValueError, match="hidden_size"):
+        from_pretrained(tmp_path / "official", qformer_tokenizer_dir=str(tmp_path / "qtok"))
