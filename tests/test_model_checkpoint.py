@@ -107,7 +107,9 @@ def _spec_official_shapes() -> dict[str, tuple[int, ...]]:
     b = "model.qformer_bert.bert."
     shapes.update({b + "embeddings.word_embeddings.weight": (30523, 768),
                    b + "embeddings.position_embeddings.weight": (512, 768),
-                   b + "embeddings.LayerNorm.weight": (768,), b + "embeddings.LayerNorm.bias": (768,)})
+                   b + "embeddings.LayerNorm.weight": (768,), b + "embeddings.LayerNorm.bias": (768,),
+                   # BERT's persistent buffer, carried by official checkpoints (0..511).
+                   b + "embeddings.position_ids": (1, 512)})
 
     def attention(prefix: str, kv_width: int) -> None:
         for name, width in (("query", 768), ("key", kv_width), ("value", kv_width)):
@@ -162,3 +164,44 @@ def test_phi3_mini_trainable_counts_match_spec(phi3_mini_meta) -> None:
     for group, value in spec.items():
         assert abs(counts[group] - value) / value < 0.005, (group, counts[group])
     assert set(counts) == set(spec) | {"total"}, "nothing else is trainable (the frame encoder never is)"
+
+
+def test_official_dir_of_any_size_loads_from_its_own_config(tmp_path) -> None:
+    """An official-layout checkpoint that is not phi3-mini sized loads with its own sizes."""
+    from tests.helpers_model import parity_config, write_official_dir
+
+    cfg = parity_config()
+    tok = tiny_tokenizers()
+    torch.manual_seed(3)
+    model = build_d2vlm(cfg, tok).eval()
+    write_official_dir(model, cfg, tok, tmp_path / "official")
+    tok.qformer.save_pretrained(str(tmp_path / "qtok"))
+    loaded, _, loaded_cfg = from_pretrained(tmp_path / "official", qformer_tokenizer_dir=str(tmp_path / "qtok"))
+    assert (loaded_cfg.llm.hidden_size, loaded_cfg.llm.num_layers) == (96, 8)
+    assert (loaded_cfg.vision.hidden_size, loaded_cfg.vision.num_layers, loaded_cfg.vision.num_heads) == (176, 2, 2)
+    assert (loaded_cfg.qformer.hidden_size, loaded_cfg.qformer.num_layers, loaded_cfg.qformer.num_queries) == (64, 2, 4)
+    assert (loaded_cfg.inject_layer_idx, loaded_cfg.ground_layer_idx) == (6, 7)
+    loaded_state = native_state_dict(loaded)
+    assert all(torch.equal(loaded_state[k], v) for k, v in native_state_dict(model).items())
+
+
+def test_official_state_dict_carries_the_qformer_position_ids() -> None:
+    official = to_official_state_dict(native_state_dict(tiny_model(seed=5)))
+    pos = official["model.qformer_bert.bert.embeddings.position_ids"]
+    rows = official["model.qformer_bert.bert.embeddings.position_embeddings.weight"].shape[0]
+    assert pos.dtype == torch.long and torch.equal(pos, torch.arange(rows)[None])
+
+
+def test_official_dir_without_llm_sizes_is_a_clear_error(tmp_path) -> None:
+    import json
+
+    from tests.helpers_model import parity_config, write_official_dir
+
+    tok = tiny_tokenizers()
+    write_official_dir(build_d2vlm(parity_config(), tok), parity_config(), tok, tmp_path / "official")
+    meta = json.loads((tmp_path / "official" / "config.json").read_text())
+    del meta["hidden_size"]
+    (tmp_path / "official" / "config.json").write_text(json.dumps(meta))
+    tok.qformer.save_pretrained(str(tmp_path / "qtok"))
+    with pytest.raises(ValueError, match="hidden_size"):
+        from_pretrained(tmp_path / "official", qformer_tokenizer_dir=str(tmp_path / "qtok"))

@@ -74,3 +74,25 @@ def test_bad_spans_raise_naming_the_field(span: tuple[float, float]) -> None:
 def test_no_frames_raises() -> None:
     with pytest.raises(ValueError, match="no sampled frames"):
         spans_s_to_idx([(0.0, 1.0)], np.array([]), 10.0, "spans_s")
+
+
+def test_frame_positions_are_unrounded_and_follow_the_timestamps() -> None:
+    from d2vlm_ray.model.grounding import spans_s_to_frame_pos
+
+    assert spans_s_to_frame_pos([(1.4, 3.6), (5.0, 2.5)], np.arange(8.0)) == [(1.4, 3.6), (2.5, 5.0)]
+    # 2 fps starting at 0.25 s: 1.25 s is frame 2, 1.5 s halfway between frames 2 and 3.
+    ts = 0.25 + 0.5 * np.arange(6)
+    assert spans_s_to_frame_pos([(1.25, 1.5)], ts) == [(2.0, 2.5)]
+    # Beyond the last frame the last interval continues: 3.0 s is frame 5.5.
+    assert spans_s_to_frame_pos([(0.0, 3.0)], ts) == [(-0.5, 5.5)]
+
+
+def test_soft_targets_of_fractional_spans() -> None:
+    targets = soft_targets(torch.tensor([[1.5, 2.5]], dtype=torch.float64), 5, 2.0)
+    torch.testing.assert_close(targets[0], torch.tensor([2**-1.5, 2**-0.5, 1.0, 2**-0.5, 2**-1.5]))
+
+
+def test_half_second_ties_round_half_to_even_as_the_official_round() -> None:
+    spans = [(0.5, 1.5), (4.5, 5.5), (2.5, 6.5)]
+    want = [(round(s), round(e)) for s, e in spans]  # Python's round: 0, 2, 4, 6, 2, 6
+    assert spans_s_to_idx(spans, np.arange(10.0), 10.0, "spans_s") == want

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from d2vlm_ray.model.inputs import IGNORE_INDEX, build_batch
-from d2vlm_ray.model.tokenizer import chat_prompt, detokenize, tokenize_prompt, tokenize_response
+from d2vlm_ray.model.tokenizer import (
+    build_tiny_llm_tokenizer,
+    chat_prompt,
+    detokenize,
+    detokenize_with_refs,
+    emits_bos,
+    tokenize_prompt,
+    tokenize_response,
+)
 from tests.helpers_model import tiny_tokenizers
 
 RESPONSE = "<evi></evi>The event happens in <evi>."
@@ -44,20 +52,54 @@ def test_labels_mask_the_prompt_and_keep_the_response() -> None:
 def test_prompt_is_tokenized_chunkwise_around_the_frames() -> None:
     tok = tiny_tokenizers().llm
     ids = tokenize_prompt(tok, "what colour is the square?")
-    assert ids.prefix_ids[0] == tok.bos_token_id
+    # Like Phi-3's tokenizer, the tiny one has a BOS token but does not emit it on encode,
+    # so (as in the official tokenization) the prompt starts with <|system|>, no BOS.
+    assert tok.bos_token_id is not None and not emits_bos(tok)
+    assert tok.convert_ids_to_tokens(ids.prefix_ids)[0] == "<|system|>"
+    assert tok.bos_token_id not in ids.prefix_ids + ids.suffix_ids
     assert tok.convert_ids_to_tokens(ids.prefix_ids)[-1] == "<|user|>"
     assert tok.convert_ids_to_tokens(ids.suffix_ids)[-2:] == ["<|end|>", "<|assistant|>"]
     assert chat_prompt("q").startswith("<|system|>\nYou are a helpful AI assistant.<|end|>\n<|user|>\n<image>\nq")
+
+
+def _bos_emitting_tokenizer():
+    """The tiny tokenizer with a post-processor that prepends BOS (as Llama-style ones do)."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = build_tiny_llm_tokenizer()
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.bos_token_id)]
+    )
+    return tok
+
+
+def test_a_tokenizer_that_emits_bos_keeps_exactly_one() -> None:
+    tok = _bos_emitting_tokenizer()
+    assert emits_bos(tok)
+    ids = tokenize_prompt(tok, "what colour is the square?")
+    assert ids.prefix_ids[0] == tok.bos_token_id
+    assert (ids.prefix_ids + ids.suffix_ids).count(tok.bos_token_id) == 1
 
 
 def test_detokenize_writes_seconds_and_keeps_the_delimiter() -> None:
     tok = tiny_tokenizers().llm
     ids = tokenize_response(tok, RESPONSE)
     text = detokenize(tok, ids, [(3.0, 12.5), (3.0, 12.5)])
-    assert text.startswith("3 - 12.5 </evi>")
-    assert text.endswith("3 - 12.5 .") and "<|end|>" not in text
+    # The official string: one decode of the whole sequence, "<evi>" -> "s - e " (note the
+    # space after the span), the trailing "<|end|>" stop string cut and the rest stripped.
+    assert text == "3 - 12.5  </evi> the event happens in 3 - 12.5  ."
     with pytest.raises(ValueError, match="spans_s"):
         detokenize(tok, ids, [(1.0, 2.0)])
+
+
+def test_detokenize_with_refs_points_at_each_span() -> None:
+    tok = tiny_tokenizers().llm
+    ids = tok.convert_tokens_to_ids(["the", "<evi>", "event", "<evi>", "<evi>", "<|end|>"])
+    spans = [(1.0, 2.5), (3.0, 4.0), (0.0, 10.0)]
+    detok = detokenize_with_refs(tok, ids, spans)
+    assert detok.text == detokenize(tok, ids, spans)
+    assert [detok.text[a:b] for a, b in detok.evidence_chars] == ["1 - 2.5", "3 - 4", "0 - 10"]
+    assert detok.text.endswith("0 - 10")
 
 
 def test_spans_partly_outside_are_clamped_and_counted() -> None:

@@ -134,3 +134,21 @@ def test_bad_rejected_response_names_the_branch(setup: dict) -> None:
         build_pair_batch(tiny_tokenizers(), bad, setup["patches"][:1], setup["times"][:1], setup["durations"][:1])
     with pytest.raises(ValueError, match="patches"):
         build_pair_batch(tiny_tokenizers(), PAIRS, setup["patches"][:1], setup["times"], setup["durations"])
+
+
+def test_loglik_targets_use_unrounded_spans_and_the_sft_bce_rounds(setup: dict) -> None:
+    """Official calculate_logps measures distances from the annotation spans as they are."""
+    frac = [
+        replace(PAIRS[0], chosen_spans_s=[(1.4, 3.6), (4.2, 5.5)], rejected_spans_s=[(0.3, 1.2), (5.7, 7.6)]),
+    ]
+    batch = build_pair_batch(tiny_tokenizers(), frac, setup["patches"][:1], setup["times"][:1], setup["durations"][:1])
+    out = pair_forward(setup["model"], batch)
+    pos_chosen = torch.tensor([(1.4, 3.6), (4.2, 5.5)] * 2, dtype=torch.float64)
+    pos_rejected = torch.tensor([(0.3, 1.2), (5.7, 7.6)] * 2, dtype=torch.float64)
+    want_c = grounding_loglik(out.evidence_logits[0], pos_chosen)
+    want_r = grounding_loglik(out.rejected_evidence_logits[0], pos_rejected)
+    torch.testing.assert_close(out.chosen_grounding_logp[0], want_c, rtol=0, atol=1e-9)
+    torch.testing.assert_close(out.rejected_grounding_logp[0], want_r, rtol=0, atol=1e-9)
+    rounded = grounding_loglik(out.evidence_logits[0], out.evidence_spans_idx[0])
+    assert abs(float(rounded - want_c)) > 1e-3, "the unrounded targets must matter on this case"
+    assert out.evidence_spans_idx[0].tolist() == [[1, 4], [4, 6], [1, 4], [4, 6]], "the SFT BCE rounds"

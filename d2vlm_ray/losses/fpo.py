@@ -61,7 +61,8 @@ def grounding_loglik(evidence_logits: torch.Tensor, spans_idx: torch.Tensor, alp
 
     Args:
         evidence_logits: Scores ``[E, F]`` (``p = σ(score)``).
-        spans_idx: Target span of each evidence token, ``[E, 2]``.
+        spans_idx: Target span of each evidence token, ``[E, 2]``: frame indices, or
+            (as the official FPO uses) unrounded fractional frame positions.
         alpha: Soft-target base: ``y = alpha ** -d``.
 
     Returns:

@@ -35,6 +35,7 @@ other ``compressor.qformer.*``                      ``model.qformer_bert.bert.*`
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,11 @@ def to_official_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
         if new is None:
             raise KeyError(f"no official name for {name!r}")
         out[new] = tensor
+    # Official checkpoints carry the Q-Former's persistent position_ids buffer (BERT's
+    # 0..max_position-1); transformers' Q-Former keeps it out of the state dict.
+    pos_rows = out.get(_BERT + "embeddings.position_embeddings.weight")
+    if pos_rows is not None and _QFORMER_POSITION_IDS not in out:
+        out[_QFORMER_POSITION_IDS] = torch.arange(pos_rows.shape[0], dtype=torch.long)[None]
     return out
 
 
@@ -154,6 +160,105 @@ def from_official_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.
         q, v = parts["q"], parts["v"]
         out[f"vision.encoder.layers.{idx}.self_attn.qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
     return out
+
+
+# Sizes the official code does not write into config.json but fixes in code: EVA's heads
+# are ``width // 88`` (eva_vit.py) and the Q-Former is BERT with 64-wide heads.
+_EVA_HEAD_DIM = 88
+_BERT_HEAD_DIM = 64
+# The official model reads hidden_states[6] for <evi> injection (``hidden_add_index``).
+_OFFICIAL_INJECT_LAYER_IDX = 6
+_QFORMER_POSITION_IDS = _BERT + "embeddings.position_ids"
+
+
+def _count_blocks(state: dict[str, torch.Tensor], pattern: str) -> int:
+    found = {int(m.group(1)) for name in state if (m := re.match(pattern, name))}
+    return max(found) + 1 if found else 0
+
+
+def official_model_config(
+    meta: dict[str, Any], state: dict[str, torch.Tensor], *, tokenizer_dir: str = "", qformer_tokenizer_dir: str = ""
+) -> ModelConfig:
+    """The :class:`ModelConfig` of an official-layout checkpoint, from its own files.
+
+    The LLM sizes come from the HF ``config.json`` (``meta``); the frame encoder and the
+    Q-Former, whose sizes the official code fixes in code rather than in the config, are
+    read off the weight shapes in official key names (``state``), with the official head
+    widths (EVA 88, BERT 64). Any official-layout checkpoint therefore loads, not just the
+    phi3-mini release.
+
+    Raises:
+        ValueError: If a size is missing from both the config and the weights, or the
+            checkpoint uses a feature this project does not implement (RoPE scaling).
+    """
+    required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise ValueError(f"official config.json lacks {missing}; cannot size the language model")
+    if meta.get("rope_scaling"):
+        raise ValueError(f"official config.json: rope_scaling {meta['rope_scaling']!r} is not supported (4k Phi-3 only)")
+    try:
+        cls_token = state[_VIT + "cls_token"]
+        pos_embed = state[_VIT + "pos_embed"]
+        patch_w = state[_VIT + "patch_embed.proj.weight"]
+        fc1 = state[_VIT + "blocks.0.mlp.fc1.weight"]
+        query = state["model.qformer_query"]
+        word_emb = state[_BERT + "embeddings.word_embeddings.weight"]
+        q_ffn = state[_BERT + "encoder.layer.0.intermediate_query.dense.weight"]
+    except KeyError as exc:
+        raise ValueError(f"official checkpoint lacks {exc.args[0]!r}; cannot size the frame encoder/Q-Former") from None
+    vision_width = int(cls_token.shape[-1])
+    patch_size = int(patch_w.shape[-1])
+    grid = round(math.sqrt(pos_embed.shape[1] - 1))
+    q_width = int(query.shape[-1])
+    q_layers = _count_blocks(state, re.escape(_BERT) + r"encoder\.layer\.(\d+)\.")
+    cross = sorted(
+        {int(m.group(1)) for n in state if (m := re.match(re.escape(_BERT) + r"encoder\.layer\.(\d+)\.crossattention\.", n))}
+    )
+    cross_freq = cross[1] - cross[0] if len(cross) > 1 else max(q_layers, 1)
+    llm_layers = int(meta["num_hidden_layers"])
+    data: dict[str, Any] = {
+        # Every size below overrides the preset; it only names where the values started.
+        "preset": "phi3-mini",
+        "tokenizer_dir": tokenizer_dir,
+        "vision": {
+            "image_size": patch_size * grid,
+            "patch_size": patch_size,
+            "hidden_size": vision_width,
+            "num_layers": _count_blocks(state, re.escape(_VIT) + r"blocks\.(\d+)\."),
+            "num_heads": vision_width // _EVA_HEAD_DIM,
+            "intermediate_size": int(fc1.shape[0]),
+            "layer_norm_eps": 1e-6,
+        },
+        "qformer": {
+            "hidden_size": q_width,
+            "num_layers": q_layers,
+            "num_heads": max(q_width // _BERT_HEAD_DIM, 1),
+            "intermediate_size": int(q_ffn.shape[0]),
+            "cross_attention_frequency": cross_freq,
+            "num_queries": int(query.shape[1]),
+            "vocab_size": int(word_emb.shape[0]),
+            "tokenizer_dir": qformer_tokenizer_dir,
+        },
+        "llm": {
+            "hidden_size": int(meta["hidden_size"]),
+            "num_layers": llm_layers,
+            "num_heads": int(meta["num_attention_heads"]),
+            "num_kv_heads": int(meta.get("num_key_value_heads") or meta["num_attention_heads"]),
+            "intermediate_size": int(meta["intermediate_size"]),
+            "vocab_size": int(meta["vocab_size"]),
+            "max_position_embeddings": int(meta.get("max_position_embeddings", 4096)),
+            "rope_theta": float(meta.get("rope_theta", 10000.0)),
+            "rms_norm_eps": float(meta.get("rms_norm_eps", 1e-5)),
+            "sliding_window": meta.get("sliding_window"),
+        },
+        "inject_layer_idx": _OFFICIAL_INJECT_LAYER_IDX,
+        # The official heads read hidden_states[-2], the input of the last block.
+        "ground_layer_idx": llm_layers - 1,
+        "alpha": float(meta.get("alpha", 2.0)),
+        "bidirectional_frames": bool(meta.get("bi_attention", True)),
+    }
+    return from_dict(ModelConfig, data)
 
 
 def native_state_dict(model: D2VLM) -> dict[str, torch.Tensor]:
@@ -214,9 +319,9 @@ def from_pretrained(
     """Load a d2vlm_ray checkpoint, or an official D2VLM release directory.
 
     An official directory is recognised by its HF ``config.json`` (``model_type``
-    ``etchat_phi3``); it is built with the ``phi3-mini`` preset, its tokenizer is read from
-    the same directory, and the Q-Former tokenizer from ``qformer_tokenizer_dir`` (the
-    release does not ship one).
+    ``etchat_phi3``); it is built with the sizes of its own config and weights
+    (:func:`official_model_config`), its tokenizer is read from the same directory, and
+    the Q-Former tokenizer from ``qformer_tokenizer_dir`` (the release does not ship one).
 
     Raises:
         FileNotFoundError: If the directory, its config or its weights are missing.
@@ -228,17 +333,18 @@ def from_pretrained(
         raise FileNotFoundError(f"checkpoint {str(ckpt_dir)!r}: no {CONFIG_NAME}")
     meta: dict[str, Any] = json.loads(cfg_path.read_text())
     official = meta.get("format") != FORMAT
+    state: dict[str, torch.Tensor] | None = None
     if official:
-        model_data: dict[str, Any] = {"preset": "phi3-mini", "tokenizer_dir": str(ckpt_dir)}
-        if qformer_tokenizer_dir:
-            model_data["qformer"] = {"tokenizer_dir": qformer_tokenizer_dir}
-        cfg = from_dict(ModelConfig, model_data)
-        llm_tok = load_llm_tokenizer(ckpt_dir)
         if not qformer_tokenizer_dir:
             raise FileNotFoundError(
                 "model.qformer.tokenizer_dir: the official checkpoint ships no Q-Former tokenizer; "
                 "pass a local bert-base-uncased vocabulary directory"
             )
+        state = _read_weights(ckpt_dir)
+        cfg = official_model_config(
+            meta, state, tokenizer_dir=str(ckpt_dir), qformer_tokenizer_dir=qformer_tokenizer_dir
+        )
+        llm_tok = load_llm_tokenizer(ckpt_dir)
         q_tok = load_qformer_tokenizer(qformer_tokenizer_dir)
     else:
         cfg = from_dict(ModelConfig, meta["model"])
@@ -251,9 +357,7 @@ def from_pretrained(
 
     with init_empty_weights(include_buffers=False):
         model = build_d2vlm(cfg, tokenizers)
-    state = _read_weights(ckpt_dir)
-    if official:
-        state = from_official_state_dict(state)
+    state = from_official_state_dict(state) if state is not None else _read_weights(ckpt_dir)
     expected = set(model.state_dict())
     missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or extra:

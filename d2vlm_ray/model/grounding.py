@@ -26,6 +26,18 @@ class SpanStats:
     reordered: int = 0
 
 
+def _nearest_frame(ts: np.ndarray, t_s: float) -> int:
+    """Index of the frame nearest ``t_s``; a tie goes to the even index.
+
+    The official code rounds spans with Python's ``round`` and ``Tensor.round``, both
+    half-to-even (5.5 -> 6, 4.5 -> 4); at 1 fps from 0 s this rule gives the same frames.
+    """
+    distance = np.abs(ts - t_s)
+    nearest = np.flatnonzero(distance == distance.min())
+    even = nearest[nearest % 2 == 0]
+    return int(even[0] if even.size else nearest[0])
+
+
 def spans_s_to_idx(
     spans_s: Sequence[SpanS],
     timestamps_s: np.ndarray | Sequence[float],
@@ -38,7 +50,8 @@ def spans_s_to_idx(
     Reversed spans are reordered and spans partly outside ``[0, duration_s]`` are clamped
     (both counted in ``stats``), as the official code does; 562 of Charades-STA's test
     queries end after their video. Each end maps to the sampled frame whose presentation
-    time is nearest (at 1 fps from 0 s this is ``round(t)``, the official rule).
+    time is nearest, ties to the even index (at 1 fps from 0 s this is Python's
+    half-to-even ``round(t)``, the official rule).
 
     Args:
         spans_s: ``(start_s, end_s)`` pairs.
@@ -74,9 +87,44 @@ def spans_s_to_idx(
         if start < 0.0 or stop > end_s:
             start, stop = max(start, 0.0), min(stop, end_s)
             stats.clamped += 1
-        first_idx = int(np.argmin(np.abs(ts - start)))
-        last_idx = int(np.argmin(np.abs(ts - stop)))
+        first_idx, last_idx = _nearest_frame(ts, start), _nearest_frame(ts, stop)
         out.append((first_idx, max(first_idx, last_idx)))
+    return out
+
+
+def spans_s_to_frame_pos(spans_s: Sequence[SpanS], timestamps_s: np.ndarray | Sequence[float]) -> list[tuple[float, float]]:
+    """Spans in seconds as *unrounded* positions on the sampled-frame axis.
+
+    Frame ``i`` sits at position ``i``; a time between two frames' presentation times is
+    placed linearly between them, and times before the first or after the last frame
+    continue the first or last frame interval. At 1 fps from 0 s a time of ``t`` seconds
+    is position ``t``, which is what the official FPO log-likelihood (``calculate_logps``)
+    measures distances from: it uses the annotation spans as they are, while the SFT
+    loss rounds them to frames (:func:`spans_s_to_idx`). Reversed spans are reordered.
+
+    Args:
+        spans_s: ``(start_s, end_s)`` pairs (already validated by :func:`spans_s_to_idx`).
+        timestamps_s: Presentation time of each sampled frame, increasing, ``[F]``.
+
+    Returns:
+        One ``(first_pos, last_pos)`` per span, ``first_pos <= last_pos``.
+    """
+    ts = np.asarray(timestamps_s, dtype=np.float64)
+    positions = np.arange(ts.size, dtype=np.float64)
+
+    def to_pos(t_s: float) -> float:
+        if ts.size == 1:
+            return 0.0
+        if t_s < ts[0]:
+            return (t_s - ts[0]) / (ts[1] - ts[0])
+        if t_s > ts[-1]:
+            return ts.size - 1 + (t_s - ts[-1]) / (ts[-1] - ts[-2])
+        return float(np.interp(t_s, ts, positions))
+
+    out = []
+    for span in spans_s:
+        start, stop = sorted((float(span[0]), float(span[1])))
+        out.append((to_pos(start), to_pos(stop)))
     return out
 
 
@@ -90,19 +138,22 @@ def soft_targets(spans_idx: torch.Tensor, num_frames: int, alpha: float) -> torc
     """Soft grounding targets ``alpha ** -d`` (spec §2.2).
 
     ``d`` is 0 inside the closed span and the distance in frames to the nearer boundary
-    outside it: with alpha 2, frames one step outside get 0.5, two steps 0.25.
+    outside it: with alpha 2, frames one step outside get 0.5, two steps 0.25. Spans may
+    be fractional frame positions (:func:`spans_s_to_frame_pos`); ``d`` is then fractional.
 
     Args:
-        spans_idx: Long tensor ``[E, 2]`` of ``(first_idx, last_idx)``.
+        spans_idx: Tensor ``[E, 2]`` of ``(first, last)``: frame indices (long) or
+            fractional frame positions (float).
         num_frames: F.
         alpha: Decay base (> 1).
 
     Returns:
         Float targets ``[E, F]`` in ``(0, 1]``.
     """
-    frame_idx = torch.arange(num_frames, device=spans_idx.device)  # [F]
-    first = spans_idx[:, :1]  # [E, 1]
-    last = spans_idx[:, 1:]  # [E, 1]
+    spans = spans_idx.to(torch.float64)  # float64 keeps fractional positions exact
+    frame_idx = torch.arange(num_frames, device=spans.device, dtype=torch.float64)  # [F]
+    first = spans[:, :1]  # [E, 1]
+    last = spans[:, 1:]  # [E, 1]
     distance = (first - frame_idx).clamp(min=0) + (frame_idx - last).clamp(min=0)  # [E, F]
     return torch.pow(torch.tensor(float(alpha), dtype=torch.float32), -distance.float())
 

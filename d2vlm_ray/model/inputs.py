@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from d2vlm_ray.model.grounding import SpanStats, spans_s_to_idx
+from d2vlm_ray.model.grounding import SpanStats, spans_s_to_frame_pos, spans_s_to_idx
 from d2vlm_ray.model.tokenizer import TokenIds, tokenize_prompt, tokenize_response
 from d2vlm_ray.types import SpanIdx, SpanS
 
@@ -37,6 +37,9 @@ class D2VLMBatch:
         src_spans_idx: Frame spans of the question-side ``<evi>`` tokens, in order.
         evi_spans_idx: Frame spans of the response's ``<evi>`` tokens, in order (the n
             event spans twice: grounding part, then answer part).
+        evi_spans_pos: The spans of ``evi_spans_idx`` as unrounded frame positions
+            (:func:`~d2vlm_ray.model.grounding.spans_s_to_frame_pos`), in the same order;
+            the FPO log-likelihood's soft targets use these, as the official code does.
         timestamps_s: Presentation time of every sampled frame, per sample.
         durations_s: Video durations.
         span_stats: How many spans were clamped or reordered.
@@ -54,6 +57,7 @@ class D2VLMBatch:
     timestamps_s: list[np.ndarray]
     durations_s: list[float]
     span_stats: SpanStats = field(default_factory=SpanStats)
+    evi_spans_pos: list[list[tuple[float, float]]] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -115,7 +119,7 @@ def build_batch(
     ids = TokenIds.from_tokenizer(tokenizer)
     stats = SpanStats()
     prefix_ids, suffix_ids, labels, prompt_lens = [], [], [], []
-    src_idx_all, evi_idx_all, ts_all = [], [], []
+    src_idx_all, evi_idx_all, evi_pos_all, ts_all = [], [], [], []
     for i, question in enumerate(questions):
         if not isinstance(question, str) or not question.strip():
             raise ValueError(f"questions[{i}]: the question is empty")
@@ -134,6 +138,7 @@ def build_batch(
         suffix = list(prompt.suffix_ids)
         label = [IGNORE_INDEX] * len(suffix)
         evi_idx: list[SpanIdx] = []
+        evi_pos: list[tuple[float, float]] = []
         if responses is not None:
             response_ids = tokenize_response(tokenizer, responses[i])
             n_evi = sum(1 for t in response_ids if t == ids.evi)
@@ -145,6 +150,8 @@ def build_batch(
                 )
             event_idx = spans_s_to_idx(events, ts, durations_s[i], f"spans_s[{i}]", stats)
             evi_idx = event_idx + event_idx  # grounding-part copies, then answer-part copies
+            event_pos = spans_s_to_frame_pos(events, ts)
+            evi_pos = event_pos + event_pos
             suffix += response_ids
             label += response_ids
         total = len(prompt.prefix_ids) + feats.shape[0] + len(suffix)
@@ -159,6 +166,7 @@ def build_batch(
         prompt_lens.append(len(prompt.suffix_ids))
         src_idx_all.append(src_idx)
         evi_idx_all.append(evi_idx)
+        evi_pos_all.append(evi_pos)
         ts_all.append(ts)
     enc = qformer_tokenizer(
         list(questions),
@@ -180,4 +188,5 @@ def build_batch(
         timestamps_s=ts_all,
         durations_s=[float(d) for d in durations_s],
         span_stats=stats,
+        evi_spans_pos=evi_pos_all,
     )

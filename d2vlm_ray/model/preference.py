@@ -18,7 +18,8 @@ branch's log-likelihood is
              + Σ_evi Σ_frames log(y·p + (1 − y)·(1 − p) + 1e-10)
 
 with soft targets ``y = alpha ** -d`` built from that branch's spans (grounding copies
-then answer copies). The chosen branch also returns the tensors
+then answer copies) as unrounded frame positions, as the official ``calculate_logps`` does
+(the SFT BCE term rounds them to frames). The chosen branch also returns the tensors
 :func:`d2vlm_ray.losses.sft.sft_loss` needs, so FPO's SFT regulariser comes for free.
 """
 
@@ -210,6 +211,7 @@ def pair_forward(model: D2VLM, batch: PairBatch, *, alpha: float = 2.0) -> PairO
     prompt_lens = _interleave(chosen.prompt_lens)
     src_idx = _interleave(chosen.src_spans_idx)
     evi_idx = [row for pair in zip(chosen.evi_spans_idx, rejected.evi_spans_idx) for row in pair]
+    evi_pos = [row for pair in zip(chosen.evi_spans_pos, rejected.evi_spans_pos) for row in pair]
     embeds, valid = model.embed_suffix(suffix_ids, prompt_lens, src_idx, evi_idx, prefix, inject=True)
     suffix, _ = model.run_suffix(prefix.state, embeds, valid)  # logits [2B, S, V]
 
@@ -223,10 +225,13 @@ def pair_forward(model: D2VLM, batch: PairBatch, *, alpha: float = 2.0) -> PairO
     for r, row in enumerate(suffix_ids):
         queries, logits_r = model.response_evidence(row, prompt_lens[r], suffix.ground_hidden[r], prefix.frame_keys[r])
         spans_r = torch.tensor(evi_idx[r], dtype=torch.long, device=device).reshape(-1, 2)  # [E, 2]
+        # The log-likelihood's targets use the unrounded spans (official calculate_logps);
+        # only the SFT BCE below rounds them to frames.
+        pos_r = torch.tensor(evi_pos[r], dtype=torch.float64, device=device).reshape(-1, 2)  # [E, 2]
         ev_logits.append(logits_r)
         ev_queries.append(queries)
         ev_spans.append(spans_r)
-        ground_logp.append(grounding_loglik(logits_r, spans_r, alpha))
+        ground_logp.append(grounding_loglik(logits_r, pos_r, alpha))
     ground = torch.stack(ground_logp)  # [2B]
     # A pair where one branch has no evidence tokens (e.g. the official text-only 'qwen'
     # pairs) is compared on text alone, as the official code does: otherwise the branch

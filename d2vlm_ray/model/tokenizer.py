@@ -69,6 +69,11 @@ def build_tiny_llm_tokenizer() -> PreTrainedTokenizerFast:
 
     Special tokens come first so their ids are stable: ``<unk>`` 0, ``<s>`` 1,
     ``<|endoftext|>`` 2, the chat markers, then ``<evi>`` and ``</evi>``.
+
+    It mirrors the two behaviours of Phi-3's tokenizer that reach token ids and text:
+    ``<s>`` is its BOS token but encoding never adds it (there is no post-processor, as
+    Phi-3's ``add_bos_token`` is off in the official path), and decoding does not clean up
+    spaces before punctuation (Phi-3 sets ``clean_up_tokenization_spaces`` to false).
     """
     from tokenizers import Tokenizer, normalizers, pre_tokenizers
     from tokenizers.models import WordLevel
@@ -87,6 +92,7 @@ def build_tiny_llm_tokenizer() -> PreTrainedTokenizerFast:
         pad_token=EOS_TOKEN,
         unk_token="<unk>",
         additional_special_tokens=[*_CHAT_SPECIALS, *_EVIDENCE_SPECIALS],
+        clean_up_tokenization_spaces=False,
     )
     return tok
 
@@ -164,7 +170,10 @@ class PromptIds:
 
 
 def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> PromptIds:
-    """Tokenize the chat prompt chunk-wise around ``<image>``; BOS only on the first chunk.
+    """Tokenize the chat prompt chunk-wise around ``<image>``, as the official code does.
+
+    A BOS id starts the first chunk only if the tokenizer itself emits one on encode
+    (:func:`emits_bos`); Phi-3's does not, so official prompts carry no BOS.
 
     Raises:
         ValueError: If the question itself contains ``<image>`` (one video per prompt).
@@ -173,10 +182,24 @@ def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> Prompt
         raise ValueError("question: must not contain the <image> placeholder; the frames are added once")
     before, after = chat_prompt(question).split(IMAGE_TOKEN)
     prefix = tokenizer(before, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None:
+    if emits_bos(tokenizer):
         prefix = [tokenizer.bos_token_id, *prefix]
     suffix = tokenizer(after, add_special_tokens=False)["input_ids"]
     return PromptIds(prefix_ids=list(prefix), suffix_ids=list(suffix))
+
+
+def emits_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer's own encoding (special tokens on) starts with its BOS id.
+
+    The official chunk-wise tokenization keeps a BOS exactly where the tokenizer emits
+    one. Phi-3's tokenizer has a BOS token but does not add it on encode, so official
+    D2VLM prompts start with ``<|system|>``; a tokenizer that does add it keeps it once.
+    """
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    probe = tokenizer(SYSTEM_TOKEN)["input_ids"]
+    return bool(probe) and probe[0] == bos
 
 
 def tokenize_response(tokenizer: PreTrainedTokenizerBase, response: str) -> list[int]:
@@ -195,45 +218,72 @@ def format_span(span_s: SpanS) -> str:
     return f"{format_time_s(span_s[0])} - {format_time_s(span_s[1])}"
 
 
-def detokenize(
+@dataclass(frozen=True)
+class DetokenizedText:
+    """A response as text, with where each ``<evi>`` ended up.
+
+    Attributes:
+        text: The official surface string (see :func:`detokenize`).
+        evidence_chars: ``(char_start, char_end)`` of each ``<evi>``'s ``"s - e"`` in
+            ``text``, in token order: ``text[char_start:char_end] == format_span(span)``.
+    """
+
+    text: str
+    evidence_chars: list[tuple[int, int]]
+
+
+def detokenize_with_refs(
     tokenizer: PreTrainedTokenizerBase,
     token_ids: Sequence[int],
     spans_s: Sequence[SpanS],
-) -> str:
-    """Response text with the i-th ``<evi>`` replaced by the i-th span as ``"s - e"``.
-
-    ``</evi>`` is kept (the D2VLM scorer splits on it); ``<|end|>``, EOS and padding are
-    dropped. There must be exactly one span per ``<evi>`` token.
+) -> DetokenizedText:
+    """:func:`detokenize`, also returning the character span of each ``<evi>``'s text.
 
     Raises:
         ValueError: If the number of spans differs from the number of ``<evi>`` tokens.
     """
     ids = TokenIds.from_tokenizer(tokenizer)
-    drop = {ids.end, ids.pad}
-    if tokenizer.eos_token_id is not None:
-        drop.add(tokenizer.eos_token_id)
     n_evi = sum(1 for t in token_ids if t == ids.evi)
     if n_evi != len(spans_s):
         raise ValueError(f"spans_s: {len(spans_s)} spans for {n_evi} <evi> tokens")
-    pieces: list[str] = []
-    run: list[int] = []
-    span_iter = iter(spans_s)
+    # One decode of the whole sequence, stripped, as the official code does: decoding runs
+    # separately would change the spacing the tokenizer puts around special tokens.
+    decoded = tokenizer.decode(list(token_ids), skip_special_tokens=False).strip()
+    pieces = decoded.split(EVI_TOKEN)
+    if len(pieces) - 1 != len(spans_s):
+        raise ValueError(
+            f"token_ids: the decoded text holds {len(pieces) - 1} {EVI_TOKEN!r} for {len(spans_s)} <evi> tokens"
+        )
+    parts = [pieces[0]]
+    chars: list[tuple[int, int]] = []
+    offset = len(pieces[0])
+    for span_s, piece in zip(spans_s, pieces[1:]):
+        surface = format_span(span_s)
+        chars.append((offset, offset + len(surface)))
+        # The official template is "{s} - {e} ": a space always follows the span.
+        parts.append(surface + " " + piece)
+        offset += len(surface) + 1 + len(piece)
+    text = "".join(parts)
+    if text.endswith(END_TOKEN):
+        # The official script cuts its stop string and strips again; the start is already
+        # stripped and a span's text ends in no whitespace, so the spans stay valid.
+        text = text[: -len(END_TOKEN)].strip()
+    return DetokenizedText(text=text, evidence_chars=chars)
 
-    def flush() -> None:
-        if run:
-            pieces.append(tokenizer.decode(run, skip_special_tokens=False).strip())
-            run.clear()
 
-    for tid in token_ids:
-        if tid == ids.evi:
-            flush()
-            pieces.append(format_span(next(span_iter)))
-        elif tid == ids.evi_end:
-            flush()
-            pieces.append(EVI_END_TOKEN)
-        elif tid in drop:
-            flush()
-        else:
-            run.append(int(tid))
-    flush()
-    return " ".join(p for p in pieces if p)
+def detokenize(
+    tokenizer: PreTrainedTokenizerBase,
+    token_ids: Sequence[int],
+    spans_s: Sequence[SpanS],
+) -> str:
+    """Response text exactly as the official D2VLM inference writes it.
+
+    The whole sequence is decoded once (special tokens kept) and stripped, each ``<evi>``
+    becomes ``"s - e "`` (its span in seconds, then a space), and a trailing ``<|end|>``
+    (the official stop string) is cut and the rest stripped. ``</evi>`` stays: the D2VLM
+    scorer splits on it.
+
+    Raises:
+        ValueError: If the number of spans differs from the number of ``<evi>`` tokens.
+    """
+    return detokenize_with_refs(tokenizer, token_ids, spans_s).text

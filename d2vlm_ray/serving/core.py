@@ -50,7 +50,14 @@ from d2vlm_ray.model.d2vlm import D2VLM
 from d2vlm_ray.model.generation import GenerationResult, answer, decode, ground, prefill
 from d2vlm_ray.model.grounding import span_idx_to_s
 from d2vlm_ray.model.inputs import build_batch
-from d2vlm_ray.model.tokenizer import EVI_END_TOKEN, TokenIds, detokenize, format_span, load_llm_tokenizer
+from d2vlm_ray.model.tokenizer import (
+    EVI_END_TOKEN,
+    TokenIds,
+    detokenize,
+    detokenize_with_refs,
+    format_span,
+    load_llm_tokenizer,
+)
 from d2vlm_ray.serving.errors import BadVideo, FeaturesUnavailable, InvalidRequest, ServiceError, TooLarge
 from d2vlm_ray.types import FeatureKey, FrameEncoder, GroundingResult, SpanS
 
@@ -629,26 +636,17 @@ def evidence_refs(tokenizer: Any, token_ids: Sequence[int], spans_s: Sequence[Sp
         One ``{"span_s", "text_ref", "char_start", "char_end"}`` per ``<evi>``, where
         ``text[char_start:char_end] == text_ref`` is the ``"s - e"`` the span became.
     """
-    evi = TokenIds.from_tokenizer(tokenizer).evi
+    detok = detokenize_with_refs(tokenizer, token_ids, spans_s)
     refs = []
-    k = 0
-    for pos, tid in enumerate(token_ids):
-        if tid != evi:
-            continue
-        # detokenize joins its pieces with single spaces, so the text before this <evi>
-        # is exactly the detokenized prefix (plus one separating space if non-empty).
-        before = detokenize(tokenizer, token_ids[:pos], spans_s[:k])
-        start = len(before) + (1 if before else 0)
-        surface = format_span(spans_s[k])
+    for span_s, (start, end) in zip(spans_s, detok.evidence_chars):
         refs.append(
             {
-                "span_s": [float(spans_s[k][0]), float(spans_s[k][1])],
-                "text_ref": surface,
+                "span_s": [float(span_s[0]), float(span_s[1])],
+                "text_ref": detok.text[start:end],
                 "char_start": start,
-                "char_end": start + len(surface),
+                "char_end": end,
             }
         )
-        k += 1
     return refs
 
 
