@@ -74,3 +74,87 @@ def test_blocker_really_blocks() -> None:
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "No module named 'ray'" in result.stderr
+
+
+def _package_import_graph() -> dict[str, set[str]]:
+    """``{subpackage: subpackages it imports}`` over every ``import`` in ``d2vlm_ray``, lazy ones too.
+
+    Top-level modules (``types``, ``telemetry``, ``cli``) count as packages of their own.
+    """
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "d2vlm_ray"
+
+    def package(module: str) -> str | None:
+        parts = module.split(".")
+        return parts[1] if parts[0] == "d2vlm_ray" and len(parts) > 1 else None
+
+    graph: dict[str, set[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root.parent).with_suffix("")
+        source = package(".".join(rel.parts))
+        if source is None or source == "__init__":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names[:1] if isinstance(node, ast.ImportFrom) else names:
+                target = package(name)
+                if target is not None and target != source:
+                    graph.setdefault(source, set()).add(target)
+    return graph
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as a path ``[a, b, ..., a]``, or None if it is acyclic."""
+    state: dict[str, str] = {}  # "open" while on the DFS stack, "done" after
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)) is not None:
+                return cycle
+        stack.pop()
+        state[node] = "done"
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)) is not None:
+            return cycle
+    return None
+
+
+def test_package_import_graph_has_no_cycle() -> None:
+    """model may use the losses' maths, never the reverse (losses used to import model.grounding)."""
+    graph = _package_import_graph()
+    assert "losses" in graph.get("model", set())  # the graph really is read: model.preference uses losses
+    assert _find_cycle(graph) is None, _find_cycle(graph)
+
+
+def test_cycle_finder_finds_a_cycle() -> None:
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "d": {"a"}}) is None
+
+
+def test_importing_losses_loads_no_model_module() -> None:
+    script = textwrap.dedent(
+        """
+        import importlib, pkgutil, sys
+        import d2vlm_ray.losses as pkg
+        for info in pkgutil.walk_packages(pkg.__path__, "d2vlm_ray.losses."):
+            importlib.import_module(info.name)
+        print(sorted(m for m in sys.modules if m.startswith("d2vlm_ray.model")))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from d2vlm_ray.model.grounding import SpanStats, decode_span, soft_targets, span_idx_to_s, spans_s_to_idx
+from d2vlm_ray.losses.targets import soft_targets
+from d2vlm_ray.model.grounding import SpanStats, decode_span, span_idx_to_s, spans_s_to_idx
 
 
 def test_soft_targets_decay_by_alpha_per_frame() -> None:

@@ -23,7 +23,7 @@ from d2vlm_ray.losses.fpo import fpo_loss
 from d2vlm_ray.losses.sft import sft_loss
 from d2vlm_ray.model import generation
 from d2vlm_ray.model.checkpoint import from_pretrained, native_state_dict, to_official_state_dict
-from d2vlm_ray.model.grounding import soft_targets
+from d2vlm_ray.losses.targets import soft_targets
 from d2vlm_ray.model.inputs import build_batch
 from d2vlm_ray.model.preference import build_pair_batch, pair_forward
 from d2vlm_ray.model.tokenizer import build_tiny_llm_tokenizer, build_tiny_qformer_tokenizer, tokenize_prompt

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from d2vlm_ray.losses.sft import IGNORE_INDEX, sft_loss
-from d2vlm_ray.model.grounding import soft_targets
+from d2vlm_ray.losses.targets import soft_targets
 
 Variant = Literal["reference_free", "dpo"]
 VARIANTS: tuple[str, ...] = ("reference_free", "dpo")

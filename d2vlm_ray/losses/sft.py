@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from d2vlm_ray.model.grounding import soft_targets
+from d2vlm_ray.losses.targets import soft_targets
 
 IGNORE_INDEX = -100
 
