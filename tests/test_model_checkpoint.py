@@ -205,3 +205,33 @@ def test_official_dir_without_llm_sizes_is_a_clear_error(tmp_path) -> None:
     tok.qformer.save_pretrained(str(tmp_path / "qtok"))
     with pytest.raises(ValueError, match="hidden_size"):
         from_pretrained(tmp_path / "official", qformer_tokenizer_dir=str(tmp_path / "qtok"))
+
+
+def test_grounding_constants_travel_from_the_config_to_the_model_and_back(tmp_path) -> None:
+    """alpha and span_threshold are read from the model config: by generation, losses and loading."""
+    cfg = tiny_config(alpha=3.0, span_threshold=0.8)
+    torch.manual_seed(0)
+    model = build_d2vlm(cfg, tiny_tokenizers()).eval()
+    assert (model.alpha, model.span_threshold) == (3.0, 0.8)
+    save_pretrained(model, cfg, tiny_tokenizers(), tmp_path)
+    loaded, _, loaded_cfg = from_pretrained(tmp_path)
+    assert (loaded.alpha, loaded.span_threshold) == (3.0, 0.8)
+    assert (loaded_cfg.alpha, loaded_cfg.span_threshold) == (3.0, 0.8)
+
+
+def test_checkpoints_from_before_the_loss_weights_moved_still_load(tmp_path) -> None:
+    """Earlier configs carried the (never read) loss weights under "model"; they are dropped on load."""
+    import json
+
+    model = tiny_model(seed=5)
+    save_pretrained(model, tiny_config(), tiny_tokenizers(), tmp_path)
+    meta_path = tmp_path / "config.json"
+    meta = json.loads(meta_path.read_text())
+    meta["model"].update(grounding_loss_weight=10.0, consistency_loss_weight=10.0)
+    meta_path.write_text(json.dumps(meta))
+    loaded, _, cfg = from_pretrained(tmp_path)
+    assert not hasattr(cfg, "grounding_loss_weight")
+    batch = _batch(model)
+    with torch.no_grad():
+        assert torch.equal(model(batch).logits, loaded(batch).logits)
+    assert load_frame_encoder(tmp_path).encoder_id.endswith(weights_sha256(loaded.vision)[:16])

@@ -156,3 +156,21 @@ def test_evidence_injection_switch_changes_answer_states(trained: dict) -> None:
     without = ground(model, tok.llm, batch, trained["questions"][:1], DecodeSettings(max_new_tokens=8, inject_evidence=False))[0]
     assert with_inj.evidence_vectors.shape[0] == len(with_inj.spans_idx) > 0
     assert without.evidence_vectors.shape[0] == 0
+
+
+def test_generation_decodes_spans_with_the_models_threshold(trained: dict) -> None:
+    """span_threshold comes from the model (its config), not a constant inside generation."""
+    model, tok = trained["model"], tiny_tokenizers()
+    batch = build_batch(tok.llm, tok.qformer, trained["questions"][:2], trained["feats"][:2], trained["times"][:2], [8.0] * 2)
+    settings = DecodeSettings(max_new_tokens=8)
+    widths = {}
+    before = model.span_threshold
+    try:
+        for threshold in (1.0, 0.05):
+            model.span_threshold = threshold
+            results = ground(model, tok.llm, batch, trained["questions"][:2], settings)
+            widths[threshold] = [last - first for r in results for first, last in r.spans_idx]
+    finally:
+        model.span_threshold = before
+    assert widths[1.0] and all(w == 0 for w in widths[1.0])  # only the most likely frame
+    assert len(widths[0.05]) == len(widths[1.0]) and max(widths[0.05]) > 0

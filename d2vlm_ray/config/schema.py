@@ -128,11 +128,11 @@ class ModelConfig:
             ``<evi>`` embeddings (official 6, the output of block 6).
         ground_layer_idx: ``hidden_states`` index the grounding heads read (official
             ``num_layers - 1``, the input of the last block).
-        alpha: Base of the soft grounding targets ``alpha ** -distance`` (official 2).
+        alpha: Base of the soft grounding targets ``alpha ** -distance`` (official 2). The
+            model's constant, saved with the checkpoint (the official config carries it
+            too): the SFT and FPO losses and preference evaluation all read it from here.
         span_threshold: Fraction of the max frame probability kept when decoding a span
-            (official 0.6).
-        grounding_loss_weight: Weight of the grounding BCE (official 10).
-        consistency_loss_weight: Weight of the grounding/answer query L1 (official 10).
+            (official 0.6); generation reads it from the model.
         bidirectional_frames: Frames attend to each other both ways (official True).
         evidence_injection: Add event features to ``<evi>`` embeddings (official True).
         lora: LoRA and trainable-parameter policy.
@@ -147,8 +147,6 @@ class ModelConfig:
     ground_layer_idx: int = 31
     alpha: float = 2.0
     span_threshold: float = 0.6
-    grounding_loss_weight: float = 10.0
-    consistency_loss_weight: float = 10.0
     bidirectional_frames: bool = True
     evidence_injection: bool = True
     lora: LoraSettings = field(default_factory=LoraSettings)

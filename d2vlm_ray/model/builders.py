@@ -135,6 +135,8 @@ def build_d2vlm(
         ground_layer_idx=cfg.ground_layer_idx,
         bidirectional_frames=cfg.bidirectional_frames,
         evidence_injection=cfg.evidence_injection,
+        alpha=cfg.alpha,
+        span_threshold=cfg.span_threshold,
     )
 
 

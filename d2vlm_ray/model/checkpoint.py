@@ -168,6 +168,10 @@ _EVA_HEAD_DIM = 88
 _BERT_HEAD_DIM = 64
 # The official model reads hidden_states[6] for <evi> injection (``hidden_add_index``).
 _OFFICIAL_INJECT_LAYER_IDX = 6
+# Keys that checkpoints written by earlier versions carry in their "model" config but that
+# are no longer model settings: the SFT/FPO loss weights are training settings
+# (``train.config.LossSettings``), and were never read from the model config.
+_RETIRED_MODEL_KEYS = ("grounding_loss_weight", "consistency_loss_weight")
 _QFORMER_POSITION_IDS = _BERT + "embeddings.position_ids"
 
 
@@ -261,6 +265,12 @@ def official_model_config(
     return from_dict(ModelConfig, data)
 
 
+def _saved_model_config(meta: dict[str, Any]) -> ModelConfig:
+    """The :class:`ModelConfig` of a project checkpoint's ``config.json``, retired keys dropped."""
+    data = {k: v for k, v in meta["model"].items() if k not in _RETIRED_MODEL_KEYS}
+    return from_dict(ModelConfig, data)
+
+
 def native_state_dict(model: D2VLM) -> dict[str, torch.Tensor]:
     """The model's state dict under plain module names with LoRA merged in.
 
@@ -347,7 +357,7 @@ def from_pretrained(
         llm_tok = load_llm_tokenizer(ckpt_dir)
         q_tok = load_qformer_tokenizer(qformer_tokenizer_dir)
     else:
-        cfg = from_dict(ModelConfig, meta["model"])
+        cfg = _saved_model_config(meta)
         llm_tok = load_llm_tokenizer(ckpt_dir / "tokenizer")
         q_tok = load_qformer_tokenizer(ckpt_dir / "qformer_tokenizer")
     tokenizers = Tokenizers(llm=llm_tok, qformer=q_tok)
@@ -401,7 +411,7 @@ def load_frame_encoder(
     if meta.get("format") != FORMAT:
         model, _, cfg = from_pretrained(ckpt_dir, device=device, dtype=dtype)
         return VisionFrameEncoder(model.vision, cfg.vision.image_size, chunk_frames)
-    cfg = from_dict(ModelConfig, meta["model"])
+    cfg = _saved_model_config(meta)
     vision = build_vision_model(cfg.vision)
     prefix = "vision."
     state = {k[len(prefix) :]: v for k, v in load_file(str(ckpt_dir / WEIGHTS_NAME)).items() if k.startswith(prefix)}

@@ -120,6 +120,8 @@ class D2VLM(nn.Module):
         ground_layer_idx: ``hidden_states`` index read by the grounding heads.
         bidirectional_frames: Frame tokens attend to each other both ways.
         evidence_injection: Add event features to ``<evi>`` embeddings.
+        alpha: Base of the soft grounding targets the losses score against.
+        span_threshold: Fraction of the max frame probability kept when decoding a span.
     """
 
     def __init__(
@@ -133,6 +135,8 @@ class D2VLM(nn.Module):
         ground_layer_idx: int,
         bidirectional_frames: bool = True,
         evidence_injection: bool = True,
+        alpha: float = 2.0,
+        span_threshold: float = 0.6,
     ) -> None:
         super().__init__()
         self.vision = vision
@@ -146,6 +150,8 @@ class D2VLM(nn.Module):
         self.ground_layer_idx = ground_layer_idx
         self.bidirectional_frames = bidirectional_frames
         self.evidence_injection = evidence_injection
+        self.alpha = alpha
+        self.span_threshold = span_threshold
         self.score_scale = 1.0 / math.sqrt(width)
 
     @property

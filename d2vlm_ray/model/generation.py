@@ -197,7 +197,7 @@ def decode(
                 # The span comes from the hidden state that predicted this <evi>.
                 logits = model.evidence_scores(state.last_hidden[b : b + 1], state.prefix.frame_keys[b])[0]
                 probs = torch.sigmoid(logits.float())
-                span = decode_span(probs)
+                span = decode_span(probs, model.span_threshold)
                 state.spans_idx[b].append(span)
                 state.probs[b].append(probs.cpu())
                 if settings.inject_evidence and model.evidence_injection:

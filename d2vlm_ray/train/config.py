@@ -109,7 +109,6 @@ class LossSettings:
     """Weights of the SFT terms (also FPO's SFT regulariser) and FPO's preference term.
 
     Attributes:
-        alpha: Base of the soft grounding targets ``alpha ** -d`` (official 2).
         grounding_weight: Weight of the grounding BCE (official 10).
         consistency_weight: Weight of the grounding/answer query L1 (official 10).
         beta: FPO inverse temperature (official 0.1).
@@ -117,7 +116,6 @@ class LossSettings:
             model gives the reference log-probs).
     """
 
-    alpha: float = 2.0
     grounding_weight: float = 10.0
     consistency_weight: float = 10.0
     beta: float = 0.1

@@ -98,10 +98,11 @@ def preference_stats(
     features: FeatureFn | Mapping[str, CachedFeatures],
     *,
     batch_size: int = 4,
-    alpha: float = 2.0,
     max_text_tokens: int = 256,
 ) -> dict[str, float]:
     """Held-out preference accuracy and mean margin ``log π(y_w) − log π(y_l)``.
+
+    The grounding term scores against the model's own soft-target base (``model.alpha``).
 
     Returns:
         ``{"pref_accuracy", "pref_margin", "pref_n"}``.
@@ -127,7 +128,7 @@ def preference_stats(
                 [f.duration_s for f in feats],
                 max_text_tokens=max_text_tokens,
             )
-            out = pair_forward(model, batch, alpha=alpha)
+            out = pair_forward(model, batch)
             margins.append((out.chosen_logp - out.rejected_logp).float().cpu())
     finally:
         model.train(was_training)
@@ -165,4 +166,4 @@ def preference_accuracy(
     from d2vlm_ray.train.checkpointing import load_trained_model
 
     model, tokenizers, cfg = load_trained_model(ckpt_dir, device=device)
-    return preference_stats(model, tokenizers, pairs, features, batch_size=batch_size, alpha=cfg.alpha)
+    return preference_stats(model, tokenizers, pairs, features, batch_size=batch_size)

@@ -39,7 +39,6 @@ class SFTObjective(nn.Module):
     def __init__(self, model: D2VLM, loss: LossSettings) -> None:
         super().__init__()
         self.model = model
-        self.alpha = loss.alpha
         self.grounding_weight = loss.grounding_weight
         self.consistency_weight = loss.consistency_weight
 
@@ -52,7 +51,7 @@ class SFTObjective(nn.Module):
             out.evidence_logits,
             out.evidence_queries,
             out.evidence_spans_idx,
-            alpha=self.alpha,
+            alpha=self.model.alpha,
             grounding_weight=self.grounding_weight,
             consistency_weight=self.consistency_weight,
         )
@@ -79,11 +78,11 @@ class FPOObjective(nn.Module):
 
     def forward(self, batch: PairBatch) -> dict[str, torch.Tensor]:
         """Loss and its detached terms (preference, SFT terms, log-probs, margin, reward accuracy)."""
-        out = pair_forward(self.model, batch, alpha=self.loss.alpha)
+        out = pair_forward(self.model, batch)
         ref_chosen = ref_rejected = None
         if self._reference:
             with torch.no_grad():
-                ref = pair_forward(self._reference[0], batch, alpha=self.loss.alpha)
+                ref = pair_forward(self._reference[0], batch)
             ref_chosen, ref_rejected = ref.chosen_logp, ref.rejected_logp
         terms = fpo_loss(
             out,
@@ -91,7 +90,7 @@ class FPOObjective(nn.Module):
             variant=self.loss.variant,
             ref_chosen_logp=ref_chosen,
             ref_rejected_logp=ref_rejected,
-            alpha=self.loss.alpha,
+            alpha=self.model.alpha,
             grounding_weight=self.loss.grounding_weight,
             consistency_weight=self.loss.consistency_weight,
         )

@@ -207,7 +207,6 @@ class Session:
                     self.tokenizers,
                     self.val_pairs,
                     self.features,
-                    alpha=self.cfg.loss.alpha,
                     max_text_tokens=self.cfg.data.max_text_tokens,
                 )
             )
