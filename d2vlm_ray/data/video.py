@@ -659,11 +659,11 @@ def _decode_pyav(
     wanted = {int(p) for p in wanted_pts}
     plan = _plan_gops(index, wanted)
     if index.codec_name in _PACKED_BITSTREAM_CODECS or index.inconsistent_timestamps:
-        results = [_decode_gops(src, index, wanted, plan, set(), frame_threads=True, sequential=True)]
+        results = [_decode_gops(src, index, wanted, plan, set(), frame_threads=False, sequential=True)]
     else:
         results = _decode_planned(src, index, wanted, plan)
         if any(r.errors or r.concealed or not r.pts_increasing for r in results):
-            results = [_decode_gops(src, index, wanted, plan, set(), frame_threads=True, sequential=True)]
+            results = [_decode_gops(src, index, wanted, plan, set(), frame_threads=False, sequential=True)]
     warnings: list[str] = []
     use_dts = not all(r.pts_increasing for r in results) and all(r.dts_increasing for r in results)
     if not all(r.pts_increasing for r in results) and not use_dts:
