@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 
@@ -271,3 +273,42 @@ def test_probe_cli_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     out = capsys.readouterr().out
     assert out.count("\n") == 1
     assert json.loads(out) == {"error": {"reason": "not_found", "message": "no such file", "source": missing}}
+
+
+def test_sample_aspect_ratio_is_kept_by_default_and_applied_on_request(tmp_path: Path) -> None:
+    path = tmp_path / "sar.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.sample_aspect_ratio = Fraction(3, 2)
+        for i in range(5):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40 * i, dtype=np.uint8), format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, 10)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    assert probe_video(str(path)).sample_aspect_ratio == Fraction(3, 2)
+    stored = decode_video(str(path), 5.0)
+    assert stored.frames.shape[1:3] == (48, 64) and (stored.width, stored.height) == (64, 48)
+    shown = decode_video(str(path), 5.0, apply_sar=True)
+    assert shown.frames.shape[1:3] == (48, 96) and (shown.width, shown.height) == (96, 48)
+    assert decode_video(str(path), 5.0, apply_sar=True, max_side=48).frames.shape[1:3] == (24, 48)
+
+
+def test_cover_art_is_not_a_video_stream(tmp_path: Path) -> None:
+    path = tmp_path / "song.mp3"
+    with av.open(str(path), "w") as container:
+        audio = container.add_stream("libmp3lame", rate=16000)
+        art = container.add_stream("png", rate=1)
+        art.width, art.height, art.pix_fmt = 32, 32, "rgb24"
+        art.disposition = av.stream.Disposition.attached_pic
+        picture = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 90, dtype=np.uint8), format="rgb24")
+        container.mux(art.encode(picture))
+        for i in range(8):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1152), dtype=np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, i * 1152
+            container.mux(audio.encode(frame))
+        container.mux(audio.encode(None))
+    with av.open(str(path)) as container:
+        assert any(s.disposition & av.stream.Disposition.attached_pic for s in container.streams.video)
+    err = _expect_error(str(path), "no_video_stream")
+    assert "cover art" in err.message

@@ -21,34 +21,52 @@ How it works:
    rate, frames repeat, as in the official code. ``max_frames`` then keeps
    ``round(linspace(0, n - 1, max_frames))`` of the sampled frames.
 3. **Decoding** with one of two backends that return identical pixels (tests check it on
-   barcoded clips, rotated ones included):
+   barcoded clips, rotated ones included, and on real-world files):
 
-   * ``pyav`` (the default, ``auto``): sends a decoder only what the samples need:
-     whole GOPs without a sampled frame are not sent at all (a drain + flush at each gap
-     replaces a seek), GOP tails after the last sampled frame are dropped, and
-     non-reference frames that are not sampled are skipped inside the decoder
-     (``skip_frame=NONREF``, toggled per packet). Only sampled frames are converted to
-     RGB. The GOPs to decode are split into one contiguous group per usable core, of
-     similar cost, and each group is decoded by its own single-threaded decoder in a
-     thread (PyAV releases the GIL while decoding). What is left to decode is the
-     reference chain, where FFmpeg's frame threads mostly wait on each other; separate
-     GOPs do not. A video whose GOPs form a single group uses one decoder with frame
-     threads.
+   * ``pyav`` (the default, ``auto``): in the *planned* mode it sends a decoder only what
+     the samples need: whole GOPs without a sampled frame are not sent at all (a drain +
+     flush at each gap replaces a seek), GOP tails after the last sampled frame are
+     dropped, and non-reference frames that are not sampled are skipped inside the
+     decoder (``skip_frame=NONREF``, toggled per packet). Only sampled frames are
+     converted to RGB. For codecs whose keyframes reset decoding (H.264, HEVC, VP8, VP9,
+     AV1) the GOPs to decode are split into one contiguous group per usable core, each
+     decoded by its own single-threaded decoder in a thread (PyAV releases the GIL);
+     each decoder that starts later than the first GOP is first primed with the stream's
+     first packet, which carries stream-level facts FFmpeg needs (e.g. the x264 version
+     SEI that switches on its workarounds for old x264 4:4:4 streams; without it frames
+     came out green). A *sequential* mode (one decoder, every packet, single-threaded)
+     is used for MPEG-4 Part 2, whose packets can carry two frames (packed B-frames in
+     AVI), for streams with inconsistent timestamps, and as a redo whenever the planned
+     mode meets a decode error, a concealed frame or pts going backwards: it gives what
+     the FFmpeg CLI gives. In both modes a packet that fails to decode is passed over
+     and decoding goes on; sampled frames that no packet produced are listed in
+     ``DecodedVideo.missing_timestamps_s`` and named in ``DecodedVideo.warnings``. See
+     :func:`_decode_pyav`.
    * ``decord`` (the official reader): ``VideoReader.get_batch`` on the sampled
      indices. decord's frame *i* is the *i*-th frame in presentation order; the index
      pass checks that decord counts the same frames.
 
    Rotation: the display matrix's rotation (multiples of 90 degrees, counter-clockwise)
-   is applied with ``np.rot90``; flips in the matrix are ignored. The pinned
+   is applied with ``np.rot90``. A matrix that is not a rotation by a multiple of 90
+   degrees (all-zero, mirrored, scaled, sheared) is ignored with a warning. The pinned
    ``eva-decord`` build applies pure rotations itself (measured); a decord that
    returns the coded (unrotated) shape for a 90/270 degree clip is rotated here.
    ``max_side`` downscales the rotated frames with the same antialiased bilinear
    filter for both backends, so they stay identical.
 
-Safety: PyAV runs in process; the index pass (open, demux, decode the first frame)
-rejects unreadable files before decord, whose bundled FFmpeg is older, ever sees them.
-decord is not isolated in a subprocess (that would cost a process start and a copy of
-every frame per video); use the default backend for untrusted input.
+   Sample aspect ratio: frames keep their stored size by default (as decord returns
+   them and as the official model was trained); ``apply_sar=True`` resizes the width
+   (the displayed width, after rotation the height) by the stream's sample aspect
+   ratio, with :func:`d2vlm_ray.data.transforms.apply_sample_aspect_ratio`.
+
+Safety: media are opened with a whitelist of container formats (:data:`ALLOWED_FORMATS`)
+and the ``file`` protocol only, for paths and in-memory bytes alike: playlists (HLS,
+DASH), concat lists, image sequences and nested protocols are refused
+(``reason="unsupported"``) before they can open any other file. PyAV runs in process;
+the index pass (whitelisted open, demux, decode the first frame) rejects unreadable or
+disallowed files before decord, whose bundled FFmpeg is older, ever sees them. decord is
+not isolated in a subprocess (that would cost a process start and a copy of every frame
+per video); use the default backend for untrusted input.
 
 Measured on this project's 2-core CPU machine (quiet, load ~1; medians of 5), 1 fps
 sampling of the long-GOP benchmark clip from
@@ -88,6 +106,7 @@ import torch
 import torch.nn.functional as F
 from av.video.reformatter import VideoReformatter
 
+from d2vlm_ray.data.transforms import apply_sample_aspect_ratio
 from d2vlm_ray.types import DecodedVideo
 
 REASONS = ("not_found", "no_video_stream", "corrupt", "empty", "too_long", "unsupported", "partial_decode")
@@ -175,6 +194,7 @@ class VideoIndex:
         rotation_deg: Counter-clockwise display rotation, one of 0, 90, 180, 270.
         decode_order: ``(pts, is_keyframe)`` of every packet in decode order.
         codec_name: FFmpeg's name of the video decoder (``h264``, ``mpeg4``, ...).
+        sample_aspect_ratio: Width over height of one stored pixel (1 when unknown).
         inconsistent_timestamps: Some packet is presented before it is decoded
             (``pts < dts``) or decode times do not rise: the pts cannot be trusted to
             name the decoder's output, so decoding is sequential.
@@ -191,6 +211,7 @@ class VideoIndex:
     rotation_deg: int
     decode_order: list[tuple[int, bool]]
     codec_name: str = ""
+    sample_aspect_ratio: Fraction = Fraction(1)
     inconsistent_timestamps: bool = False
     warnings: list[str] = field(default_factory=list)
 
@@ -422,6 +443,8 @@ def _index(src: _Source) -> VideoIndex:
         avg_rate = stream.average_rate or stream.guessed_rate
         declared_s = _declared_video_duration_s(container, stream)
         codec_name = stream.codec_context.name
+        sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
+        sample_aspect_ratio = Fraction(sar) if sar and sar > 0 else Fraction(1)
     if time_base is None:
         raise VideoDecodeError("unsupported", "the video stream has no time base", src.name)
     if not decode_order:
@@ -463,6 +486,7 @@ def _index(src: _Source) -> VideoIndex:
         rotation_deg=rotation_deg,
         decode_order=decode_order,
         codec_name=codec_name,
+        sample_aspect_ratio=sample_aspect_ratio,
         inconsistent_timestamps=inconsistent,
         warnings=warnings,
     )
@@ -924,6 +948,7 @@ def decode_video(
     max_duration_s: float | None = None,
     max_side: int | None = None,
     backend: str = "auto",
+    apply_sar: bool = False,
 ) -> DecodedVideo:
     """Decode the frames of ``source`` sampled at ``fps``, with their presentation times.
 
@@ -936,6 +961,9 @@ def decode_video(
         max_side: Downscale frames (keeping the aspect) so the longer side is at most this.
         backend: ``"auto"`` / ``"pyav"`` or ``"decord"`` (the official reader); both
             return identical frames.
+        apply_sar: Resize frames by the stream's sample aspect ratio to the shape a
+            player displays (before ``max_side``). Off by default: the official model
+            sees frames at their stored size, as decord returns them.
 
     Returns:
         A :class:`~d2vlm_ray.types.DecodedVideo` with RGB frames ``[F, H, W, 3]`` after
@@ -953,6 +981,7 @@ def decode_video(
         max_duration_s=max_duration_s,
         max_side=max_side,
         backend=backend,
+        apply_sar=apply_sar,
     )
     return video
 
@@ -965,6 +994,7 @@ def decode_video_counted(
     max_duration_s: float | None = None,
     max_side: int | None = None,
     backend: str = "auto",
+    apply_sar: bool = False,
 ) -> tuple[DecodedVideo, int | None]:
     """:func:`decode_video`, plus how many frames the decoder reconstructed.
 
@@ -1013,6 +1043,10 @@ def decode_video_counted(
             f"(at {shown} s): the decoder produced no frame with their timestamps"
         )
     frames = np.stack([by_pts[int(p)] for p in wanted_pts[ok]])
+    if apply_sar and index.sample_aspect_ratio != 1:
+        frames = apply_sample_aspect_ratio(
+            frames, index.sample_aspect_ratio, rotated=index.rotation_deg in (90, 270)
+        )
     if max_side is not None:
         frames = _downscale(frames, max_side)
     video = DecodedVideo(
