@@ -265,6 +265,32 @@ def test_probe_cli_output(clips: dict[str, ClipInfo], capsys: pytest.CaptureFixt
     assert report["timestamps_s"] == pytest.approx([0.0, 1.3, 2.0])
     assert (report["width"], report["height"]) == (96, 64)
     assert report["duration_s"] == pytest.approx(info.duration_s, abs=1e-3)
+    assert report["counts_from"] == "container_index"
+
+
+def test_probe_cli_decode_reports_what_decoding_gives(
+    tmp_path: Path, clips: dict[str, ClipInfo], capsys: pytest.CaptureFixture[str]
+) -> None:
+    info = clips["cfr"]
+    assert probe.main([info.path, "--fps", "2", "--decode"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["counts_from"] == "decode" and report["missing_timestamps_s"] == []
+    assert report["timestamps_s"] == pytest.approx(decode_video(info.path, 2.0).timestamps_s.tolist())
+    # A damaged packet: the metadata still lists the frame, decoding reports it missing.
+    with av.open(info.path) as container:
+        packets = sorted((p.pos, p.size, p.pts) for p in container.demux(video=0) if p.size and p.pos is not None)
+    data = bytearray(Path(info.path).read_bytes())
+    for pos, size, _ in packets[1:]:
+        data[pos : pos + size] = bytes(size)
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(bytes(data))
+    assert probe.main([str(damaged), "--fps", "2"]) == 0
+    metadata = json.loads(capsys.readouterr().out)
+    code = probe.main([str(damaged), "--fps", "2", "--decode"])
+    decoded = json.loads(capsys.readouterr().out)
+    assert code == 0, decoded
+    assert decoded["n_frames"] + len(decoded["missing_timestamps_s"]) == metadata["n_frames"]
+    assert decoded["missing_timestamps_s"] and decoded["warnings"]
 
 
 def test_probe_cli_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
