@@ -224,6 +224,7 @@ def test_corpus_warnings_name_what_is_wrong(real_media_dir: Path) -> None:
 
 # ------------------------------------------------------------------------- generated cases
 
+# The 3x3 identity display matrix as MP4 stores it: 16.16 fixed point, the last column 2.30.
 _IDENTITY_MATRIX = bytes.fromhex("000100000000000000000000000000000001000000000000000000000000000040000000")
 
 

@@ -626,8 +626,12 @@ class _GroupResult:
     """What one decoder produced.
 
     Attributes:
-        by_pts: Decoded frames whose ``pts`` is a wanted pts (first one kept).
-        by_dts: Decoded frames whose ``dts`` is a wanted pts (used if pts are unusable).
+        rgb_by_pts: Planned mode: rotated RGB frames whose ``pts`` is a wanted pts, converted
+            in the decoder's thread (a planned result is only kept when its pts rise, so
+            pts are the labels).
+        by_pts: Sequential mode: decoded frames whose ``pts`` is a wanted pts (first kept).
+        by_dts: Sequential mode: decoded frames whose ``dts`` is a wanted pts (the labels
+            when pts are unusable).
         n_decoded: Frames the decoder produced (priming and unwanted ones included).
         pts_increasing: The decoder's output pts rose strictly (display order).
         dts_increasing: The decoder's output dts rose strictly.
@@ -635,6 +639,7 @@ class _GroupResult:
         errors: Per-packet decode errors passed over, and a demux error that ended the pass.
     """
 
+    rgb_by_pts: dict[int, np.ndarray] = field(default_factory=dict)
     by_pts: dict[int, Any] = field(default_factory=dict)
     by_dts: dict[int, Any] = field(default_factory=dict)
     n_decoded: int = 0
@@ -708,6 +713,8 @@ def _decode_pyav(
     frames: dict[int, np.ndarray] = {}
     concealed: list[int] = []
     for result in results:
+        for label, rgb in result.rgb_by_pts.items():
+            frames.setdefault(label, rgb)
         for label, frame in (result.by_dts if use_dts else result.by_pts).items():
             if label in frames:
                 continue
@@ -780,6 +787,9 @@ def _decode_gops(
     prime = not sequential and 0 not in needed
     result = _GroupResult()
     last_out: dict[str, int | None] = {"pts": None, "dts": None}
+    # ``frame.to_ndarray(format=...)`` sets up a new swscale context for every frame
+    # (1.6 ms at 640x360); one reformatter per decoder reuses it (0.13 ms), same pixels.
+    to_rgb = VideoReformatter()
 
     def take(decoded: list[Any]) -> None:
         for frame in decoded:
@@ -789,13 +799,17 @@ def _decode_gops(
                 if last_out["pts"] is not None and frame.pts <= last_out["pts"]:
                     result.pts_increasing = False
                 last_out["pts"] = frame.pts
-                if frame.pts in wanted:
+                if frame.pts in wanted and sequential:
                     result.by_pts.setdefault(int(frame.pts), frame)
+                elif frame.pts in wanted and frame.pts not in result.rgb_by_pts:
+                    # Converted here, in the decoder's thread, so groups convert in parallel.
+                    rgb = to_rgb.reformat(frame, format="rgb24").to_ndarray()
+                    result.rgb_by_pts[int(frame.pts)] = _rotate(rgb, index.rotation_deg)
             if frame.dts is not None:
                 if last_out["dts"] is not None and frame.dts <= last_out["dts"]:
                     result.dts_increasing = False
                 last_out["dts"] = frame.dts
-                if frame.dts in wanted:
+                if frame.dts in wanted and sequential:
                     result.by_dts.setdefault(int(frame.dts), frame)
 
     def send(packet: Any) -> None:
