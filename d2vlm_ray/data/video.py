@@ -82,6 +82,14 @@ sampling of the long-GOP benchmark clip from
 * On the same clip written with x264's adaptive B-frames (few B-frames), the PyAV path
   decoded 3 227 frames (26.9 per sampled frame) and took 1.13 s against decord's 1.87 s.
 
+These figures predate the real-world fixes (priming, passing over bad packets, the
+sequential mode). Since them the decoders reconstruct 13.9 frames per sampled frame on
+that clip (one more keyframe per run: the second decoder's priming), frames identical;
+three alternating runs of the old and the new code at load 7-18 (2 cores, 2026-12-07)
+measured 1.19-1.78x and 1.22-1.92x decord's frames/s (CPU time 1.80-2.12x and
+1.85-2.21x): no difference the load lets one see. Streams decoded sequentially (MPEG-4
+Part 2, damaged or mis-stamped streams) cost what decoding every frame costs.
+
 ``python -m jobs.bench decode`` repeats this comparison (medians, CPU time next to wall
 time, frames checked identical; figures in ``BENCHMARKS.md``), using
 :func:`decode_video_counted` for the decoded-frame count. The decoder work left is the
