@@ -65,3 +65,19 @@ def ray_cluster() -> Iterator[None]:
 def ray_metrics_port(ray_cluster: None) -> int:
     """Port of the session cluster's Prometheus endpoint (``/metrics`` on 127.0.0.1)."""
     return METRICS_PORT
+
+
+@pytest.fixture(scope="session")
+def real_media_dir() -> Path:
+    """The real-world media corpus folder, from ``D2VLM_REAL_MEDIA_DIR``; skips when absent.
+
+    The corpus (public repositories' test media) is not part of the project; ``.ci/run``
+    points the variable at ``../shared/media/real`` when that folder exists.
+    """
+    value = os.environ.get("D2VLM_REAL_MEDIA_DIR", "")
+    if not value:
+        pytest.skip("D2VLM_REAL_MEDIA_DIR is not set: no real-world media corpus to test against")
+    path = Path(value)
+    if not path.is_dir():
+        pytest.skip(f"D2VLM_REAL_MEDIA_DIR={value} is not a folder: no real-world media corpus to test against")
+    return path

@@ -1,12 +1,20 @@
-"""Tests of the CLIP centre-crop pixel transform."""
+"""Tests of the CLIP centre-crop pixel transform and the sample-aspect-ratio option."""
 
 from __future__ import annotations
+
+from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
 
-from d2vlm_ray.data.transforms import CLIP_MEAN, CLIP_STD, clip_center_transform, transform_id
+from d2vlm_ray.data.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    apply_sample_aspect_ratio,
+    clip_center_transform,
+    transform_id,
+)
 
 
 def test_transform_id() -> None:
@@ -88,3 +96,19 @@ def test_matches_direct_interpolation_for_square_input() -> None:
 def test_rejects_bad_input(bad: object) -> None:
     with pytest.raises(ValueError):
         clip_center_transform(bad)  # type: ignore[arg-type]
+
+
+def test_sample_aspect_ratio_stretches_the_stored_width() -> None:
+    frames = np.zeros((2, 576, 704, 3), dtype=np.uint8)
+    frames[:, :, 352:] = 200
+    wide = apply_sample_aspect_ratio(frames, Fraction(16, 11))
+    assert wide.shape == (2, 576, 1024, 3) and wide.dtype == np.uint8
+    # The left half stays dark and the right half bright: a stretch, not a crop or a shift.
+    assert wide[:, :, :500].max() == 0 and wide[:, :, 524:].min() == 200
+    # A portrait frame rotated for display: the stored width is its height now.
+    tall = apply_sample_aspect_ratio(np.zeros((1, 704, 576, 3), dtype=np.uint8), Fraction(16, 11), rotated=True)
+    assert tall.shape == (1, 1024, 576, 3)
+    np.testing.assert_array_equal(apply_sample_aspect_ratio(frames, 1), frames)
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError):
+            apply_sample_aspect_ratio(frames, bad)

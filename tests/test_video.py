@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 
@@ -263,6 +265,32 @@ def test_probe_cli_output(clips: dict[str, ClipInfo], capsys: pytest.CaptureFixt
     assert report["timestamps_s"] == pytest.approx([0.0, 1.3, 2.0])
     assert (report["width"], report["height"]) == (96, 64)
     assert report["duration_s"] == pytest.approx(info.duration_s, abs=1e-3)
+    assert report["counts_from"] == "container_index"
+
+
+def test_probe_cli_decode_reports_what_decoding_gives(
+    tmp_path: Path, clips: dict[str, ClipInfo], capsys: pytest.CaptureFixture[str]
+) -> None:
+    info = clips["cfr"]
+    assert probe.main([info.path, "--fps", "2", "--decode"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["counts_from"] == "decode" and report["missing_timestamps_s"] == []
+    assert report["timestamps_s"] == pytest.approx(decode_video(info.path, 2.0).timestamps_s.tolist())
+    # A damaged packet: the metadata still lists the frame, decoding reports it missing.
+    with av.open(info.path) as container:
+        packets = sorted((p.pos, p.size, p.pts) for p in container.demux(video=0) if p.size and p.pos is not None)
+    data = bytearray(Path(info.path).read_bytes())
+    for pos, size, _ in packets[1:]:
+        data[pos : pos + size] = bytes(size)
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(bytes(data))
+    assert probe.main([str(damaged), "--fps", "2"]) == 0
+    metadata = json.loads(capsys.readouterr().out)
+    code = probe.main([str(damaged), "--fps", "2", "--decode"])
+    decoded = json.loads(capsys.readouterr().out)
+    assert code == 0, decoded
+    assert decoded["n_frames"] + len(decoded["missing_timestamps_s"]) == metadata["n_frames"]
+    assert decoded["missing_timestamps_s"] and decoded["warnings"]
 
 
 def test_probe_cli_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -271,3 +299,42 @@ def test_probe_cli_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     out = capsys.readouterr().out
     assert out.count("\n") == 1
     assert json.loads(out) == {"error": {"reason": "not_found", "message": "no such file", "source": missing}}
+
+
+def test_sample_aspect_ratio_is_kept_by_default_and_applied_on_request(tmp_path: Path) -> None:
+    path = tmp_path / "sar.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.sample_aspect_ratio = Fraction(3, 2)
+        for i in range(5):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40 * i, dtype=np.uint8), format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, 10)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    assert probe_video(str(path)).sample_aspect_ratio == Fraction(3, 2)
+    stored = decode_video(str(path), 5.0)
+    assert stored.frames.shape[1:3] == (48, 64) and (stored.width, stored.height) == (64, 48)
+    shown = decode_video(str(path), 5.0, apply_sar=True)
+    assert shown.frames.shape[1:3] == (48, 96) and (shown.width, shown.height) == (96, 48)
+    assert decode_video(str(path), 5.0, apply_sar=True, max_side=48).frames.shape[1:3] == (24, 48)
+
+
+def test_cover_art_is_not_a_video_stream(tmp_path: Path) -> None:
+    path = tmp_path / "song.mp3"
+    with av.open(str(path), "w") as container:
+        audio = container.add_stream("libmp3lame", rate=16000)
+        art = container.add_stream("png", rate=1)
+        art.width, art.height, art.pix_fmt = 32, 32, "rgb24"
+        art.disposition = av.stream.Disposition.attached_pic
+        picture = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 90, dtype=np.uint8), format="rgb24")
+        container.mux(art.encode(picture))
+        for i in range(8):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1152), dtype=np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, i * 1152
+            container.mux(audio.encode(frame))
+        container.mux(audio.encode(None))
+    with av.open(str(path)) as container:
+        assert any(s.disposition & av.stream.Disposition.attached_pic for s in container.streams.video)
+    err = _expect_error(str(path), "no_video_stream")
+    assert "cover art" in err.message

@@ -23,6 +23,11 @@ Cases:
   frames/s.
 * ``short_gop`` (reported): short clips like the official recipe's pre-compressed inputs
   (3 fps, 224-px short side; GOP 30 frames = 10 s by default, adaptive B-frames).
+* ``real_files`` (reported, only when listed in ``cases``): real-world files from a
+  folder (``real_files.media_dir`` or ``D2VLM_REAL_MEDIA_DIR``, e.g. the conformance
+  corpus), file by file: frames/s and decoded frames per sampled frame of the project's
+  path and decord's, frames compared pixel for pixel (no barcodes). Skipped, saying so,
+  when the folder is absent.
 
 All clips are barcoded, so besides checking that the three paths return identical
 arrays, the benchmark checks that the frames are the ones the official rule picks.
@@ -32,6 +37,7 @@ Clips are written once into ``cache_dir`` (named by their parameters) and reused
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,13 +46,16 @@ import numpy as np
 
 from d2vlm_ray.bench.common import time_paths
 from d2vlm_ray.data.testclips import read_barcode, write_barcode_clip, write_long_gop_clip
-from d2vlm_ray.data.video import decode_video_counted
+from d2vlm_ray.data.video import decode_video_counted, probe_video, sample_frame_indices
 
 PATHS = ("project", "official", "pyav_all")
 """The compared paths, in report order."""
 
-CASES = ("long_gop", "short_gop")
-"""The clip families the benchmark knows."""
+CASES = ("long_gop", "short_gop", "real_files")
+"""The clip families the benchmark knows (``real_files`` runs only when asked for)."""
+
+REAL_MEDIA_ENV = "D2VLM_REAL_MEDIA_DIR"
+"""Environment variable naming the real-world media folder when ``real_files.media_dir`` is empty."""
 
 
 @dataclass
@@ -94,6 +103,28 @@ class ShortGopClips:
 
 
 @dataclass
+class RealFiles:
+    """Real-world files (e.g. the conformance corpus) decoded by the project and by decord.
+
+    Attributes:
+        media_dir: Folder holding the files; empty: the ``D2VLM_REAL_MEDIA_DIR`` variable.
+        names: File names in that folder (files decord reads, so both paths can be timed).
+    """
+
+    media_dir: str = ""
+    names: list[str] = field(
+        default_factory=lambda: [
+            "videollava_sample_demo_22_portrait.mp4",
+            "scenedetect_issue195_sar16x11.mp4",
+            "videollama_birthday.mp4",
+            "moviepy_big_buck_bunny_0_30.webm",
+            "imageio_cockatoo_yuv444.mp4",
+            "mmaction2_test_xvid.avi",
+        ]
+    )
+
+
+@dataclass
 class Config:
     """Settings of the ``decode`` benchmark.
 
@@ -106,16 +137,18 @@ class Config:
         target_ratio: Required ``project / official`` frames/s on ``long_gop``.
         long_gop: The long-GOP clip.
         short_gop: The short-GOP clips.
+        real_files: The real-world files of the ``real_files`` case.
     """
 
     sample_fps: float = 1.0
     repeats: int = 5
     warmup: int = 1
-    cases: list[str] = field(default_factory=lambda: list(CASES))
+    cases: list[str] = field(default_factory=lambda: ["long_gop", "short_gop"])
     cache_dir: str = "runs/bench/clips"
     target_ratio: float = 2.0
     long_gop: LongGopClip = field(default_factory=LongGopClip)
     short_gop: ShortGopClips = field(default_factory=ShortGopClips)
+    real_files: RealFiles = field(default_factory=RealFiles)
 
     def validate(self) -> None:
         """Reject values that cannot be benchmarked (raised as ConfigError by the loader)."""
@@ -332,6 +365,83 @@ def run_case(clips: list[str], cfg: Config) -> dict[str, Any]:
     }
 
 
+def real_media_dir(cfg: Config) -> Path | None:
+    """The folder of the ``real_files`` case, or ``None`` when it is not configured or absent."""
+    folder = cfg.real_files.media_dir or os.environ.get(REAL_MEDIA_ENV, "")
+    return Path(folder) if folder and Path(folder).is_dir() else None
+
+
+def run_real_files(cfg: Config) -> dict[str, Any]:
+    """Time the project's path against decord's official path on real-world files, file by file.
+
+    Real files carry no barcodes, so the project's frames are compared pixel for pixel with
+    what decord decodes at the same frame indices (``decode_video(backend="decord")``,
+    untimed). The timed official path samples with the official rule
+    (``round(arange(0, N, avg_fps / fps))``), which picks the same frames as the project's
+    presentation-time rule only on constant-frame-rate files starting at 0; how many
+    sampled indices differ is reported as ``indices_differ_from_official_rule``.
+
+    Returns:
+        ``{"media_dir", "files": {name: {...}}, "n_sampled", "paths": {...}, "identical_frames"}``
+        or ``{"skipped": reason}`` when the folder is absent.
+    """
+    folder = real_media_dir(cfg)
+    if folder is None:
+        return {"skipped": f"no real-media folder (set real_files.media_dir or {REAL_MEDIA_ENV})"}
+    import decord  # imported before timing, as in run_case
+    files: dict[str, Any] = {}
+    for name in cfg.real_files.names:
+        path = str(folder / name)
+        if not Path(path).is_file():
+            files[name] = {"skipped": "not in the folder"}
+            continue
+        timings = time_paths(
+            {
+                "project": lambda p=path: _project(p, cfg.sample_fps),
+                "official": lambda p=path: _official(p, cfg.sample_fps),
+            },
+            repeats=cfg.repeats,
+            warmup=cfg.warmup,
+        )
+        ours, theirs = timings["project"].output[0], timings["official"].output[0]
+        same_indices = decode_video_counted(path, cfg.sample_fps, backend="decord")[0].frames
+        index = probe_video(path)
+        project_idx = sample_frame_indices(index.times_s, index.duration_s, cfg.sample_fps)
+        reader = decord.VideoReader(path, ctx=decord.cpu(0))
+        official_idx = official_indices(len(reader), reader.get_avg_fps(), cfg.sample_fps)
+        n_common = min(len(project_idx), len(official_idx))
+        entry: dict[str, Any] = {
+            "n_sampled": len(ours),
+            "identical_frames": ours.shape == same_indices.shape and bool(np.array_equal(ours, same_indices)),
+            "identical_to_official_path": ours.shape == theirs.shape and bool(np.array_equal(ours, theirs)),
+            "indices_differ_from_official_rule": int((project_idx[:n_common] != official_idx[:n_common]).sum())
+            + abs(len(project_idx) - len(official_idx)),
+        }
+        for label in ("project", "official"):
+            timing = timings[label]
+            entry[label] = {
+                **timing.to_dict(),
+                "frames_per_s": round(len(ours) / timing.median_wall_s, 3),
+                "decoded_per_sampled": round(timing.output[1] / max(len(ours), 1), 3),
+            }
+        ratio = entry["project"]["frames_per_s"] / entry["official"]["frames_per_s"]
+        entry["ratio_project_vs_official"] = round(ratio, 3)
+        files[name] = entry
+    timed = [f for f in files.values() if "skipped" not in f]
+    if not timed:
+        return {"skipped": "none of the real files is in the folder", "files": files}
+    n_sampled = sum(f["n_sampled"] for f in timed)
+    wall = {label: sum(f[label]["median_wall_s"] for f in timed) for label in ("project", "official")}
+    return {
+        "media_dir": str(folder),
+        "files": files,
+        "n_sampled": n_sampled,
+        "frames_per_s": {label: round(n_sampled / wall[label], 3) for label in wall},
+        "ratio_project_vs_official": round(wall["official"] / wall["project"], 3),
+        "identical_frames": all(f["identical_frames"] for f in timed),
+    }
+
+
 def run(cfg: Config) -> dict[str, Any]:
     """Run the configured cases; see the module docstring.
 
@@ -340,21 +450,55 @@ def run(cfg: Config) -> dict[str, Any]:
         every repeat, medians, frames/s, decoded frames per sampled frame and ratios.
     """
     writers = {"long_gop": long_gop_clips, "short_gop": short_gop_clips}
-    cases = {case: run_case(writers[case](cfg), cfg) for case in cfg.cases}
+    cases = {case: run_case(writers[case](cfg), cfg) for case in cfg.cases if case != "real_files"}
     summary: dict[str, Any] = {}
     checks: dict[str, bool] = {}
+    real = run_real_files(cfg) if "real_files" in cfg.cases else None
     for case, res in cases.items():
         summary[f"{case}_ratio"] = res["ratio_project_vs_official"]
         summary[f"{case}_cpu_ratio"] = res["cpu_ratio_project_vs_official"]
         checks[f"{case}_identical_frames"] = all(res["identical_frames"].values())
         checks[f"{case}_official_rule_frames"] = res["official_rule_frames"]
+    if real is not None:
+        cases["real_files"] = real
+        if "skipped" not in real:
+            summary["real_files_ratio"] = real["ratio_project_vs_official"]
+            checks["real_files_identical_frames"] = real["identical_frames"]
     if "long_gop" in cases:
         summary["target_ratio"] = cfg.target_ratio
         summary["target_met"] = cases["long_gop"]["ratio_project_vs_official"] >= cfg.target_ratio
     return {"cases": cases, "summary": summary, "checks": checks}
 
 
+def _rule_note(entry: dict[str, Any]) -> str:
+    n_differ = entry["indices_differ_from_official_rule"]
+    return f", {n_differ} sampled indices differ from the official rule" if n_differ else ""
+
+
+def _real_files_text(res: dict[str, Any]) -> str:
+    if "skipped" in res:
+        return f"real files: skipped ({res['skipped']})"
+    rows = []
+    for name, f in res["files"].items():
+        if "skipped" in f:
+            continue
+        rows.append(
+            f"{name} {f['project']['frames_per_s']:.1f} vs {f['official']['frames_per_s']:.1f} fr/s "
+            f"(decoded/sampled {f['project']['decoded_per_sampled']:.1f} vs "
+            f"{f['official']['decoded_per_sampled']:.1f}"
+            f"{'' if f['identical_frames'] else ', FRAMES DIFFER'}{_rule_note(f)})"
+        )
+    same = "identical frames" if res["identical_frames"] else "FRAMES DIFFER"
+    return (
+        f"real files ({res['n_sampled']} sampled): decode_video {res['frames_per_s']['project']:.1f} fr/s vs decord "
+        f"official {res['frames_per_s']['official']:.1f} fr/s = **{res['ratio_project_vs_official']:.2f}x**, {same} "
+        f"[{'; '.join(rows)}]"
+    )
+
+
 def _case_text(case: str, res: dict[str, Any], cfg: Config) -> str:
+    if case == "real_files":
+        return _real_files_text(res)
     p = res["paths"]
     if case == "long_gop":
         c = cfg.long_gop

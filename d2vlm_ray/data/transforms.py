@@ -5,9 +5,15 @@ short side, a centre square crop, a resize to the square size and CLIP normalisa
 It is re-implemented here with ``torch.nn.functional.interpolate`` only, because
 torchvision does not import in this environment; the size arithmetic follows
 torchvision (long side truncated with ``int``, crop offset rounded) so the crops match.
+
+Frames enter at their stored size, as decord returns them (the official behaviour, kept as
+the default). :func:`apply_sample_aspect_ratio` is the option for non-square pixels: it
+resizes frames to the shape a player displays (``decode_video(..., apply_sar=True)``).
 """
 
 from __future__ import annotations
+
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -102,3 +108,40 @@ def clip_center_transform(frames: np.ndarray | torch.Tensor, image_size: int = 2
     mean = torch.tensor(CLIP_MEAN, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     return ((images - mean) / std).contiguous()
+
+
+def apply_sample_aspect_ratio(
+    frames: np.ndarray, sample_aspect_ratio: Fraction | float, *, rotated: bool = False
+) -> np.ndarray:
+    """Resize frames from their stored shape to the shape a player displays.
+
+    The official pipeline (decord, then :func:`clip_center_transform`) uses frames at
+    their stored size, and that stays the default everywhere. A stream whose pixels are
+    not square (sample aspect ratio, SAR, e.g. 16:11 for PAL 16:9 stored as 704x576) is
+    shown stretched: its displayed width is ``stored_width * SAR``. This applies that
+    stretch, with the same antialiased bilinear filter as the rest of the pipeline.
+
+    Args:
+        frames: uint8 RGB frames ``[F, H, W, 3]``.
+        sample_aspect_ratio: Width of one stored pixel over its height (``1`` is square).
+        rotated: The frames were rotated by 90 or 270 degrees for display, so the stored
+            width is now the height, which is what gets stretched.
+
+    Returns:
+        uint8 frames ``[F, H', W', 3]`` (unchanged if the ratio is 1 or the size would not change).
+
+    Raises:
+        ValueError: If ``frames`` is not a non-empty uint8 ``[F, H, W, 3]`` array or the
+            ratio is not a positive finite number.
+    """
+    tensor = _as_uint8_tensor(frames)
+    sar = float(sample_aspect_ratio)
+    if not (sar > 0 and np.isfinite(sar)):
+        raise ValueError(f"sample_aspect_ratio must be a positive number, got {sample_aspect_ratio!r}")
+    height, width = int(tensor.shape[1]), int(tensor.shape[2])
+    new_h, new_w = (max(1, round(height * sar)), width) if rotated else (height, max(1, round(width * sar)))
+    if (new_h, new_w) == (height, width):
+        return np.asarray(frames)
+    images = tensor.permute(0, 3, 1, 2).to(torch.float32)  # [F, 3, H, W]
+    resized = _resize(images, new_h, new_w).round().clamp(0, 255).to(torch.uint8)
+    return resized.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # [F, H', W', 3]
