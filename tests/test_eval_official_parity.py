@@ -16,6 +16,7 @@ import pytest
 from d2vlm_ray.eval import coco
 from d2vlm_ray.eval.charades import evaluate_charades, load_items
 from d2vlm_ray.eval.parsers import parse_spans
+from d2vlm_ray.eval.similarity import ptb_normalize
 from d2vlm_ray.eval.youcook2 import evaluate_youcook2, load_videos
 
 FIXTURES = Path(__file__).parent / "fixtures" / "scorers"
@@ -87,3 +88,17 @@ def test_charades_timechat_matches_extract_time_and_eval_tvg() -> None:
     ours = evaluate_charades(load_items(records), "timechat")
     diffs = _max_abs_diff(official["metrics"], ours, {}, {key: 1.0 for key in official["metrics"]})
     assert max(diffs.values()) < TOLERANCE, diffs
+
+
+@needs_captioning
+def test_ptb_tokenize_matches_pycocoevalcap_tokenizer() -> None:
+    """The Java tokenizer wrapper gives pycocoevalcap PTBTokenizer's exact output (the tokenizer both
+    official scorers call), including "a." kept as one token and `</evi>` kept whole, where the
+    pure-Python approximation splits them."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    texts = ["Pour it into a.", "put a tortilla on the plate </evi>", "Add U.S. cheddar, don't stir!",
+             " spread the beans.", "", "two\\nlines", "crack 2 eggs (refried) -- well-known"]
+    official = PTBTokenizer().tokenize({str(i): [{"caption": t}] for i, t in enumerate(texts)})
+    assert coco.ptb_tokenize(texts) == [official[str(i)][0] for i in range(len(texts))]
+    assert [ptb_normalize(t) for t in texts[:2]] != coco.ptb_tokenize(texts[:2])

@@ -51,8 +51,14 @@ Where the official scripts crash, every variant returns this documented result:
 
 In every variant the random filler strings of dvc/slc Sim are seeded
 (``similarity.FILLER_SEED``; the official ones are unseeded, so official Sim
-wobbles slightly between runs) and captions are normalised with the pure-Python
-``similarity.ptb_normalize`` instead of the Java PTBTokenizer.
+wobbles slightly between runs). Captions are tokenized as the official scorer
+does (non-ASCII to spaces, then the Java PTBTokenizer from pycocoevalcap) when
+the ``captioning`` extra and java are present; otherwise with the pure-Python
+``similarity.ptb_normalize`` and a note in ``notes``.
+
+An empty record list, or a dvc/slc record whose ``g`` does not hold one caption
+per ``tgt`` span, raises ``ETBenchInputError`` (official: exit 0 with no
+metrics, resp. IndexError).
 
 NaN mIoU (official behaviour for a zero-length prediction on a zero-length GT)
 is kept as ``float('nan')``; the CLI writes it as JSON ``null``.
@@ -83,7 +89,13 @@ from d2vlm_ray.eval.parsers import (
     split_evidence,
     strip_choice_prefix,
 )
-from d2vlm_ray.eval.similarity import FILLER_SEED, SentenceSimilarity, filler_string, ptb_normalize
+from d2vlm_ray.eval.similarity import (
+    FILLER_SEED,
+    SentenceSimilarity,
+    filler_string,
+    ptb_normalize,
+    remove_nonascii,
+)
 from d2vlm_ray.eval.spans import ETBENCH_THRESHOLDS, MAX_PROPOSALS, dense_iou, detection_precision_recall, nncore_iou
 
 TASKS = ("rar", "eca", "rvq", "tvg", "epm", "tal", "evs", "vhd", "dvc", "slc", "tem", "gvq")
@@ -411,6 +423,22 @@ def eval_gvq(samples: list[dict[str, Any]], variant: Variant, similarity: Simila
     return out | block | {"mRec": _r5(mean), "Acc": _r5(len(correct_ids) / len(samples))}
 
 
+class ETBenchInputError(ValueError):
+    """E.T. Bench prediction records that cannot be scored (empty input, inconsistent GT fields)."""
+
+
+def caption_tokenizer(with_coco: bool) -> Callable[[list[str]], list[str]]:
+    """The caption tokenizer the official scorer uses: non-ASCII to spaces, then Java PTB.
+
+    Falls back to the pure-Python ``ptb_normalize`` when java/pycocoevalcap are
+    missing or caption metrics are switched off (``evaluate_etbench`` then adds
+    a note, since Sim and Bleu/CIDEr can move in the 4th decimal).
+    """
+    if with_coco and coco.unavailable_reason() is None:
+        return lambda texts: coco.ptb_tokenize([remove_nonascii(text) for text in texts])
+    return lambda texts: [ptb_normalize(text) for text in texts]
+
+
 def eval_dvc(
     samples: list[dict[str, Any]], variant: Variant, similarity: SimilarityFn, with_coco: bool = True
 ) -> dict[str, Any]:
@@ -431,6 +459,11 @@ def eval_dvc(
             continue
         key = (sample["video"], sample.get("idx")) if variant.key_by_sample else sample["video"]
         gts[key] = (sample["tgt"], sample["g"])
+        # The official scorer indexes g by tgt position and dies with IndexError; say what is wrong instead.
+        if not isinstance(sample["g"], list) or len(sample["g"]) != len(sample["tgt"]):
+            raise ETBenchInputError(
+                f"{sample.get('task')} sample idx={sample.get('idx')} ({sample['video']}): 'g' must hold one "
+                f"caption per 'tgt' span ({len(sample['tgt'])}), got {sample['g']!r}")
         preds[key] = list(zip(*parsed))[:MAX_PROPOSALS]
     scale = len(preds) / len(samples)
     out: dict[str, Any] = {"Total": len(samples), "Failed": failed}
@@ -451,14 +484,18 @@ def eval_dvc(
         for key, (gt_spans, gt_caps) in gts.items():
             pairs: list[tuple[str, str]] = []
             for span, caption in preds[key]:
-                matched = [gt_caps[j] for j, gt in enumerate(gt_spans)
-                           if j < len(gt_caps) and dense_iou(span, gt) >= thr]
+                matched = [gt_caps[j] for j, gt in enumerate(gt_spans) if dense_iou(span, gt) >= thr]
                 if matched:
                     pairs.extend((caption, ref) for ref in matched)
                 else:
                     pairs.append((caption, filler_string(rng)))
-            video_pairs[key] = [(ptb_normalize(p), ptb_normalize(r)) for p, r in pairs]
+            video_pairs[key] = pairs
         pairs_per_thr.append(video_pairs)
+    tokenize = caption_tokenizer(with_coco)
+    raw_texts = sorted({t for vp in pairs_per_thr for pairs in vp.values() for pair in pairs for t in pair})
+    tokens = dict(zip(raw_texts, tokenize(raw_texts)))
+    pairs_per_thr = [{key: [(tokens[p], tokens[r]) for p, r in pairs] for key, pairs in vp.items()}
+                     for vp in pairs_per_thr]
 
     if not gts:
         out["SentSim"] = 0.0
@@ -578,6 +615,8 @@ def evaluate_etbench(
         ValueError: Unknown variant or task, or a record without the needed fields.
     """
     config = get_variant(variant)
+    if not samples:
+        raise ETBenchInputError("no E.T. Bench prediction records to score")
     lazy = _LazySimilarity(similarity)
     groups: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for record in samples:
@@ -598,4 +637,7 @@ def evaluate_etbench(
         reason = coco.unavailable_reason()
         if reason:
             notes.append(reason)
+    if any(t in groups for t in CAPTIONING_TASKS) and (not with_coco or coco.unavailable_reason()):
+        notes.append("dvc/slc captions tokenized with the pure-Python PTB approximation, not the Java "
+                     "PTBTokenizer the official scorer runs; SentSim may differ from official in the 4th decimal")
     return collected | summarize(collected) | {"variant": config.name, "notes": notes}
