@@ -137,6 +137,23 @@ def parse_evidence_spans(evidence: str) -> list[Span] | None:
     return spans or None
 
 
+def parse_dense_evidence(answer: str, delimiter: str = EVIDENCE_DELIMITER) -> list[Span]:
+    """D2VLM dvc/slc evidence: every ``a - b`` range before the first delimiter.
+
+    As D2VLM's scorer reads it: lower-cased, runs of two or more dots collapsed
+    to a space, spans kept in written order (not sorted).
+
+    Args:
+        answer: Raw model text.
+        delimiter: Separator, ``</evi>`` by default.
+
+    Returns:
+        The evidence spans in seconds; empty when there are none.
+    """
+    evidence = answer.split(delimiter)[0] if delimiter else answer
+    return _pairs(_RANGE_RE.findall(re.sub(r"\.{2,}", " ", evidence.lower())))
+
+
 def split_evidence(answer: str, delimiter: str = EVIDENCE_DELIMITER) -> tuple[str, str] | None:
     """Split D2VLM text into (evidence, answer) on ``delimiter``.
 
