@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from d2vlm_ray.eval import coco
+from d2vlm_ray.eval import coco, etbench
 from d2vlm_ray.eval.charades import evaluate_charades, load_items
 from d2vlm_ray.eval.parsers import parse_spans
 from d2vlm_ray.eval.similarity import ptb_normalize
@@ -26,6 +26,10 @@ needs_captioning = pytest.mark.skipif(
     coco.unavailable_reason() is not None,
     reason=f"caption metrics unavailable: {coco.unavailable_reason()} (pip install '.[captioning]' and java)",
 )
+
+
+OFFICIAL_FILLER = "qqqqqqqqqqqq"
+"""The constant filler caption the official E.T. Bench runs used in place of their unseeded random strings."""
 
 
 def _load(name: str) -> Any:
@@ -102,3 +106,33 @@ def test_ptb_tokenize_matches_pycocoevalcap_tokenizer() -> None:
     official = PTBTokenizer().tokenize({str(i): [{"caption": t}] for i, t in enumerate(texts)})
     assert coco.ptb_tokenize(texts) == [official[str(i)][0] for i in range(len(texts))]
     assert [ptb_normalize(t) for t in texts[:2]] != coco.ptb_tokenize(texts[:2])
+
+
+@needs_captioning
+@pytest.mark.parametrize(("variant", "official_file"), [
+    ("official", "etbench_official.json"),
+    ("d2vlm", "etbench_d2vlm_official.json"),
+])
+def test_etbench_matches_official_scripts(variant: str, official_file: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """E.T. Bench's scorer (``official``) and D2VLM's new_compute_metrics.py (``d2vlm``) on etbench_pred.json:
+    every metric of every (task, source) to 1e-4, including the ``*_evi`` metrics, the gvq/referring
+    match statistics and the dvc/slc Bleu/METEOR/ROUGE_L/CIDEr/SentSim columns.
+
+    The 56 records cover all 12 tasks (two sources for tvg, tal, evs, vhd and dvc) with and without
+    ``</evi>``, several delimiters, reversed and missing evidence, a tal evidence reset, keyword and
+    "to" answers, the dense-caption fallback on the whole text, stage (b) captions, 4- and 5-option
+    questions and letters that are wrong, absent or empty. Both sides use one constant filler caption
+    for unmatched predictions (the official scripts draw unseeded random ones).
+    """
+    monkeypatch.setattr(etbench, "filler_string", lambda rng: OFFICIAL_FILLER)
+    official = _load(official_file)
+    ours = etbench.evaluate_etbench(_load("etbench_pred.json"), variant=variant)
+    assert set(ours) - {"Overall", "Merged", "variant", "notes"} == set(official)
+    diffs = {}
+    for task, sources in official.items():
+        assert set(ours[task]) == set(sources), task
+        for source, metrics in sources.items():
+            assert set(ours[task][source]) == set(metrics), (task, source)
+            for key, value in metrics.items():
+                diffs[f"{task}/{source}/{key}"] = abs(float(value) - float(ours[task][source][key]))
+    assert max(diffs.values()) < TOLERANCE, {k: d for k, d in diffs.items() if d >= TOLERANCE}
