@@ -112,9 +112,11 @@ def test_ptb_tokenize_matches_pycocoevalcap_tokenizer() -> None:
 @pytest.mark.parametrize(("variant", "official_file"), [
     ("official", "etbench_official.json"),
     ("d2vlm", "etbench_d2vlm_official.json"),
+    ("d2vlm-strict", "etbench_d2vlm_strict_official.json"),
 ])
 def test_etbench_matches_official_scripts(variant: str, official_file: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """E.T. Bench's scorer (``official``) and D2VLM's new_compute_metrics.py (``d2vlm``) on etbench_pred.json:
+    """E.T. Bench's scorer (``official``), D2VLM's new_compute_metrics.py (``d2vlm``) and its
+    compute_metrics_original_etchat_strict_rvq.py (``d2vlm-strict``) on etbench_pred.json:
     every metric of every (task, source) to 1e-4, including the ``*_evi`` metrics, the gvq/referring
     match statistics and the dvc/slc Bleu/METEOR/ROUGE_L/CIDEr/SentSim columns.
 
