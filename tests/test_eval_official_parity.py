@@ -120,7 +120,7 @@ def test_etbench_matches_official_scripts(variant: str, official_file: str, monk
     every metric of every (task, source) to 1e-4, including the ``*_evi`` metrics, the gvq/referring
     match statistics and the dvc/slc Bleu/METEOR/ROUGE_L/CIDEr/SentSim columns.
 
-    The 56 records cover all 12 tasks (two sources for tvg, tal, evs, vhd and dvc) with and without
+    The 58 records cover all 12 tasks (two sources for tvg, tal, evs, vhd and dvc) with and without
     ``</evi>``, several delimiters, reversed and missing evidence, a tal evidence reset, keyword and
     "to" answers, the dense-caption fallback on the whole text, stage (b) captions, 4- and 5-option
     questions and letters that are wrong, absent or empty. Both sides use one constant filler caption
