@@ -69,3 +69,44 @@ def test_bad_input_exit_2(argv: list[str], tmp_path: Path, capsys: pytest.Captur
     code, out = _run(argv, capsys)
     assert code == 2
     assert isinstance(out["error"], str) and out["error"]
+
+
+@pytest.mark.parametrize(
+    ("benchmark", "content", "gt", "needle"),
+    [
+        ("etbench", [], None, "no E.T. Bench prediction records"),
+        ("charades", [], None, "no Charades predictions"),
+        ("youcook2", [], None, "no YouCook2 videos"),
+        ("etbench", [{"task": "dvc", "source": "s", "video": "v", "a": "0 - 10 seconds, crack the eggs.",
+                      "tgt": [[0, 10], [10, 20]], "g": ["crack the eggs"]}], None, "one caption per 'tgt' span"),
+        ("youcook2", [{"a": "0 - 10 seconds, crack the eggs.", "tgt": [[0, 10], [10, 20]], "g": ["crack"]}],
+         None, "one caption per 'tgt' span"),
+        ("youcook2", {"v.mp4": []}, {"annotations": [{"image_id": "v.mp4", "segments": [[0, 5]]}]},
+         "'pure_cap'"),
+        ("youcook2", {"v.mp4": [{"timestamp": [0, 5]}]},
+         {"annotations": [{"image_id": "v.mp4", "segments": [[0, 5]], "pure_cap": "add salt"}]}, "'caption'"),
+    ],
+)
+def test_bad_scorer_input_is_one_typed_error(benchmark: str, content: object, gt: object, needle: str,
+                                             tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Empty lists exit 2 for every benchmark (official E.T. Bench: exit 0); a short `g` or a missing
+    `pure_cap`/`caption` names the field (official: IndexError / KeyError tracebacks)."""
+    argv = ["--benchmark", benchmark, str(_write(tmp_path / "p.json", content))]
+    if gt is not None:
+        argv += ["--gt", str(_write(tmp_path / "gt.json", gt))]
+    code, out = _run(argv, capsys)
+    assert code == 2
+    assert needle in out["error"] and "Error:" in out["error"], out["error"]
+    assert not out["error"].startswith(("IndexError", "KeyError"))
+
+
+def test_caption_metrics_keep_stdout_one_json_object(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With pycocoevalcap installed, Bleu would print its statistics; stdout must stay one JSON object."""
+    from d2vlm_ray.eval import coco
+
+    if coco.unavailable_reason() is not None:
+        pytest.skip(coco.unavailable_reason())
+    recs = [{"task": "dvc", "source": "s", "video": "v", "a": "0 - 10 seconds, crack the eggs into a bowl.",
+             "tgt": [[0, 10]], "g": ["crack two eggs into a bowl"]}]
+    code, out = _run(["--benchmark", "etbench", str(_write(tmp_path / "p.json", recs))], capsys)
+    assert code == 0 and 0.0 < out["dvc"]["s"]["Bleu_1"] <= 1.0 and "CIDEr" in out["dvc"]["s"]

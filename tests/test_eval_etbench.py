@@ -184,3 +184,101 @@ def test_summarize_all_tasks() -> None:
     assert len(out["Overall"]) == 14
     assert out["Merged"] == {"Acc (ref)": 33.3, "F1 (gnd)": 30.0, "F1 (cap)": 40.0, "Sim (cap)": 40.0,
                              "Rec (com)": 18.8}
+
+
+# D2VLM evidence metrics (`*_evi`): scored on the spans before `</evi>` as D2VLM's new_compute_metrics.py does.
+
+
+def test_tvg_d2vlm_evidence_metrics() -> None:
+    """GT [0,10]. Answer IoUs: 1 ('0 - 10'), 8/12 ('2 - 12'), 0 ('20 - 30'), failure (no </evi>).
+    Evidence IoUs (best of all evidence spans; none -> the answer spans): '0 - 5' .5; none -> 8/12;
+    '25 - 20 and 0 - 8' -> max(0 (reversed span kept reversed), .8) = .8.
+    mIoU_evi = (.5 + .66667 + .8)/4 = .49167; R_evi = [3/4, 3/4, 3/4, 1/4] -> F1_evi = 2.5/4 = .625.
+    Answer side: R = [2/4, 2/4, 2/4, 1/4] -> F1 .4375, mIoU (1 + .66667)/4 = .41667."""
+    recs = [_rec("tvg", a, tgt=[0, 10]) for a in
+            ("0 - 5 </evi> 0 - 10", "</evi> 2 - 12", "25 - 20 and 0 - 8 </evi> 20 - 30", "0 - 10")]
+    out = evaluate_etbench(recs, variant="d2vlm")["tvg"]["src"]
+    assert out["Failed"] == 1
+    assert [out[f"F1_evi@{t}"] for t in (0.1, 0.3, 0.5, 0.7)] == [0.75, 0.75, 0.75, 0.25]
+    assert out["F1_evi"] == 0.625 and out["mIoU_evi"] == 0.49167
+    assert out["F1"] == 0.4375 and out["mIoU"] == 0.41667
+    for variant in ("official", "d2vlm-strict", "fixed"):
+        assert not any("evi" in key for key in evaluate_etbench(recs, variant=variant)["tvg"]["src"])
+
+
+def test_tem_d2vlm_evidence_metrics() -> None:
+    """GT [[0,10],[20,30]]. '20 - 25 </evi> 0 - 10': answer IoU 1, first evidence [20,25] best GT IoU .5;
+    '</evi> 22 - 30': no evidence -> the answer [22,30], IoU .8 both.
+    mIoU_evi = (.5 + .8)/2 = .65; R_evi = [1, 1, 1, 1/2] -> mRec_evi .875."""
+    recs = [_rec("tem", a, tgt=[[0, 10], [20, 30]]) for a in ("20 - 25 </evi> 0 - 10", "</evi> 22 - 30")]
+    out = evaluate_etbench(recs, variant="d2vlm")["tem"]["src"]
+    assert out["mIoU_evi"] == 0.65 and out["mRec_evi"] == 0.875
+    assert [out[f"R_evi@{t}"] for t in (0.1, 0.3, 0.5, 0.7)] == [1.0, 1.0, 1.0, 0.5]
+    assert out["mRec"] == 1.0
+
+
+def test_tal_d2vlm_evidence_reset_and_answer_guard() -> None:
+    """GT [[0,10]]. s1 '0 - 10 </evi> 0 - 10': F1 1 and F1_evi 1 at every θ. s2 '50 - 60 </evi> 0 - 10':
+    answer F1 1, evidence rec = prc = 0, which RESETS the evidence running sum to 0 (D2VLM's guard).
+    s3 '0 - 10 </evi> 40 - 50': the answer reaches no θ, so its perfect evidence is never counted.
+    F1@θ = 2/3; F1_evi = 0. In the order s2, s1, s3 the reset comes first: F1_evi = 1/3."""
+    s1, s2, s3 = (_rec("tal", a, tgt=[[0, 10]]) for a in
+                  ("0 - 10 </evi> 0 - 10", "50 - 60 </evi> 0 - 10", "0 - 10 </evi> 40 - 50"))
+    out = evaluate_etbench([s1, s2, s3], variant="d2vlm")["tal"]["src"]
+    assert out["F1"] == 0.66667 and out["F1@0.7"] == 0.66667
+    assert out["F1_evi"] == 0.0 and out["F1_evi@0.1"] == 0.0
+    swapped = evaluate_etbench([s2, s1, s3], variant="d2vlm")["tal"]["src"]
+    assert swapped["F1_evi"] == 0.33333 and swapped["F1"] == 0.66667
+
+
+def test_vhd_and_evs_d2vlm_evidence_metrics() -> None:
+    """VHD window [12,18]: '40 - 50 </evi> 14 - 16' answer 15 hit, evidence midpoint 45 miss;
+    '</evi> 13 - 15' no evidence -> the answer point 14, hit. F1 1, F1_evi .5.
+    EVS: D2VLM paints answer and evidence into one mask, so F1_evi equals F1 (here 1)."""
+    recs = [_rec("vhd", a, tgt=[[12, 18]]) for a in ("40 - 50 </evi> 14 - 16", "</evi> 13 - 15")]
+    out = evaluate_etbench(recs, variant="d2vlm")["vhd"]["src"]
+    assert out["F1"] == 1.0 and out["F1_evi"] == 0.5
+    evs = evaluate_etbench([_rec("evs", "5 - 10 </evi> 0 - 5", tgt=[[0, 10]])], variant="d2vlm")["evs"]["src"]
+    assert evs["F1"] == evs["F1_evi"] == 1.0
+
+
+def test_gvq_d2vlm_matched_counts_and_evidence() -> None:
+    """GT [10,20], p=1 unless noted. g1 '12 - 20 </evi> (B) at 10 - 20': letter b, correct; answer IoU 1,
+    evidence [12,20] IoU .8. g2 '</evi> C. at 10 - 20': letter c, wrong. g3 '</evi> B) at 0 - 20': correct,
+    answer IoU .5, no evidence -> [0,0], IoU 0. g4 '</evi>' (p=0): empty answer, a failure, not matched.
+    Matched 3 of 4 (.75), correct within matched 2 -> 2/(3 + 1e-7). Acc 2/4.
+    R = [2/4, 2/4, 2/4, 1/4] -> mRec .4375, mIoU 1.5/4 = .375; R_evi = [1/4]*4 -> mRec_evi .25, mIoU_evi .2."""
+    opts = ["w", "x", "y", "z"]
+    recs = [
+        _rec("gvq", "12 - 20 </evi> (B) at 10 - 20", o=opts, p=1, tgt=[10, 20]),
+        _rec("gvq", "</evi> C. at 10 - 20", o=opts, p=1, tgt=[10, 20]),
+        _rec("gvq", "</evi> B) at 0 - 20", o=opts, p=1, tgt=[10, 20]),
+        _rec("gvq", "</evi>", o=opts, p=0, tgt=[10, 20]),
+    ]
+    out = evaluate_etbench(recs, variant="d2vlm")["gvq"]["src"]
+    assert out["Matched count"] == 3 and out["Matched ratio"] == 0.75
+    assert out["correct count within matched"] == 2
+    assert out["correct ratio within matched"] == pytest.approx(2 / 3, abs=1e-6)
+    assert out["Acc"] == 0.5 and out["Failed"] == 1
+    assert out["mRec"] == 0.4375 and out["mIoU"] == 0.375
+    assert [out[f"R_evi@{t}"] for t in (0.1, 0.3, 0.5, 0.7)] == [0.25] * 4
+    assert out["mRec_evi"] == 0.25 and out["mIoU_evi"] == 0.2
+
+
+def test_dvc_d2vlm_evidence_detection(minilm: SentenceSimilarity) -> None:
+    """v1: answer [0,10], [20,30] on GT [[0,10],[20,30]] (P = R = 1); evidence '0 - 10, 30 - 20': the reversed
+    span is kept reversed and covers nothing, so P_evi = R_evi = 1/2. v2: answer [0,10] on GT [[0,10],[40,50]]
+    (P 1, R 1/2); no evidence -> P_evi = R_evi = 0. v3 has no </evi>: a failure, parse rate s = 2/3.
+    F1: P = 1, R = .75 -> (2/3, 1/2) scaled -> 2·(2/3)(1/2)/(7/6) = 4/7 = .57143 at every θ.
+    F1_evi: P = R = 1/4 -> 1/6 scaled -> F1_evi 1/6 = .16667 at every θ."""
+    recs = [
+        _rec("dvc", "0 - 10, 30 - 20 </evi> 0 - 10 seconds, crack the eggs.\n20 - 30 seconds, whisk them well.",
+             video="v1", tgt=[[0, 10], [20, 30]], g=["crack the eggs", "whisk the eggs"]),
+        _rec("dvc", "</evi> 0 - 10 seconds, chop the onion.", video="v2", tgt=[[0, 10], [40, 50]],
+             g=["chop the onion", "fry the onion"]),
+        _rec("dvc", "0 - 5 seconds, slice the bread.", video="v3", tgt=[[0, 5]], g=["slice bread"]),
+    ]
+    out = evaluate_etbench(recs, variant="d2vlm", similarity=minilm, with_coco=False)["dvc"]["src"]
+    assert out["Failed"] == 1
+    assert out["F1"] == 0.57143 and out["F1@0.7"] == 0.57143
+    assert out["F1_evi"] == 0.16667 and [out[f"F1_evi@{t}"] for t in (0.1, 0.3, 0.5, 0.7)] == [0.16667] * 4

@@ -61,3 +61,15 @@ def test_filler_strings_are_seeded() -> None:
 )
 def test_ptb_normalize(text: str, expected: str) -> None:
     assert ptb_normalize(text) == expected
+
+
+def test_embeddings_are_batched_and_cached(minilm: SentenceSimilarity) -> None:
+    """One encode call per batch of unseen texts; repeated texts are served from the cache."""
+    model = SentenceSimilarity()
+    model.best_option("a cat", ["(A) a cat", "(B) a dog", "(C) a car"])
+    assert model.encode_calls == 1
+    model.best_option("a dog", ["(A) a cat", "(B) a dog", "(C) a car"])
+    model.similarity("a cat", "a dog")
+    assert model.encode_calls == 2
+    cached = model.embed(["(B) a dog"])[0]
+    assert np.allclose(cached, minilm.embed(["(B) a dog"])[0], atol=1e-5)

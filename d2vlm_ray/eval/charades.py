@@ -20,7 +20,9 @@ Conventions (``CONVENTIONS``):
   records: the first parsed interval); nncore IoU on the unsorted pair, a
   non-finite IoU counts 0; R1@θ (≥) and mIoU over all queries, rounded to 3
   decimals (fractions).
-* ``timechat``: TimeChat's ``eval_tvg``: first interval; IoU = overlap / hull;
+* ``timechat``: TimeChat's ``format_tvg.extract_time`` + ``eval_tvg``: raw text
+  is parsed whole (no ``</evi>`` split) with the official stages minus the
+  ``a to b`` stage, which ``extract_time`` lacks; first interval; IoU = overlap / hull;
   R@θ = 100·hits/#GT (θ = 0.3/0.5/0.7), no mIoU. Documented readings where it
   crashes: a zero-width hull gives IoU 0 (official: ZeroDivisionError); missing
   predictions count 0 (official: assertion unless ``--sample``).
@@ -188,7 +190,11 @@ def evaluate_charades(items: list[GroundingItem], convention: str = "standard") 
     for item in items:
         raw = item.pred_s
         if raw is None and item.text is not None:
-            raw = _text_span(item.text, evidence_fallback=convention == "d2vlm")
+            if convention == "timechat":
+                spans = parse_spans(item.text, to_stage=False)
+                raw = tuple(spans[0]) if spans else None
+            else:
+                raw = _text_span(item.text, evidence_fallback=True)
         if raw is None or len(raw) < 2:
             failed += 1
             if convention == "timechat":

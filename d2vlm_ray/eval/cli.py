@@ -19,7 +19,7 @@ Accepted ``PRED_PATH`` formats:
   (default), ``etchat``, ``timechat``, ``d2vlm``.
 * youcook2: records with ``a``, ``tgt`` (list of spans) and ``g`` (captions), or a
   TimeChat ``{video: [{"timestamp", "caption"}]}`` dict with ``--gt``; variants
-  ``official`` (default), ``timechat``, ``d2vlm``.
+  ``official`` (default), ``timechat``, ``d2vlm``, ``fixed``.
 
 Output: the metrics as one JSON object on stdout (NaN written as ``null``), exit
 code 0. Bad input (unreadable file, unknown benchmark/variant, malformed records,
@@ -36,6 +36,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from d2vlm_ray.eval.coco import CaptionScorerError
 from d2vlm_ray.eval.similarity import SimilarityModelError
 
 BENCHMARKS = ("etbench", "charades", "youcook2")
@@ -124,7 +125,8 @@ def run_metrics(benchmark: str, variant: str, pred_path: str, gt_path: str | Non
         return evaluate_charades(load_items(preds, gt), convention=variant) | {"variant": variant}
     from d2vlm_ray.eval.youcook2 import evaluate_youcook2, load_videos
 
-    return evaluate_youcook2(load_videos(preds, gt, variant), with_coco=with_coco) | {"variant": variant}
+    return evaluate_youcook2(load_videos(preds, gt, variant), with_coco=with_coco, variant=variant) | {
+        "variant": variant}
 
 
 def _fail(message: str) -> int:
@@ -155,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     variant = args.variant or DEFAULT_VARIANTS[args.benchmark]
     try:
         result = run_metrics(args.benchmark, variant, args.pred_path, args.gt, with_coco=not args.no_coco)
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError, OSError, SimilarityModelError) as exc:
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, OSError, SimilarityModelError,
+            CaptionScorerError) as exc:
         return _fail(f"{type(exc).__name__}: {exc}")
     print(json.dumps(_json_safe(result), sort_keys=False))
     return 0

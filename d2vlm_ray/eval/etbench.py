@@ -11,7 +11,11 @@ even on the binary value), with the same keys as the official ``metrics.json``:
 * tal: ``Total, Failed, F1@θ, F1``; evs/vhd: ``Total, Failed, F1``;
 * dvc/slc: ``Total, Failed, F1@θ, F1, SentSim`` (+ ``Bleu_1..4, METEOR, ROUGE_L,
   CIDEr`` when the optional pycocoevalcap extra and java are present);
-* tem: ``Total, Failed, mIoU, R@θ, mRec``; gvq: the same plus ``Acc``.
+* tem: ``Total, Failed, mIoU, R@θ, mRec``; gvq: the same plus ``Acc``;
+* d2vlm only: the evidence counterparts ``mIoU_evi``, ``F1_evi@θ``/``F1_evi``,
+  ``R_evi@θ``/``mRec_evi`` of the keys above, and gvq's ``Matched count``,
+  ``Matched ratio``, ``correct count within matched``, ``correct ratio within
+  matched`` (see Variants; the ratios are unrounded, as D2VLM writes them).
 
 ``evaluate_etbench`` adds ``Overall`` (14 numbers ×100, 1 decimal) and
 ``Merged`` (Acc(ref), F1(gnd), F1(cap), Sim(cap), Rec(com), ×100, 1 decimal).
@@ -28,7 +32,20 @@ Variants (``VARIANTS``):
   midpoint of the answer's first interval; referring: the ``(X)`` stage is off, a
   leading letter a..e is final, similarity only without one; evs scores the
   union of answer and evidence bins; the tal running-sum reset on rec = prc = 0
-  is reproduced. Its ``*_evi`` evidence metrics are not produced.
+  is reproduced. It adds D2VLM's evidence metrics, scored on the spans before
+  ``</evi>`` (kept in written order, not sorted) exactly as that scorer does:
+  tvg/epm ``mIoU_evi, F1_evi@θ, F1_evi`` (max over all evidence spans; no
+  evidence -> the answer spans); tem ``mIoU_evi, R_evi@θ, mRec_evi`` (first
+  evidence span, or the first answer span); tal ``F1_evi@θ, F1_evi`` (a
+  threshold counts only where the ANSWER reaches it, and an evidence F1 of 0
+  resets that threshold's running sum, as in D2VLM); evs ``F1_evi`` (equal to
+  ``F1``: D2VLM paints answer and evidence into one mask); vhd ``F1_evi`` (the
+  evidence's first-span midpoint, or the answer point); dvc/slc ``F1_evi@θ,
+  F1_evi`` (densevid detection of the evidence spans, scaled by the answer
+  parse rate; no evidence -> precision and recall 0); gvq ``mIoU_evi,
+  R_evi@θ, mRec_evi`` (first evidence span, or ``[0, 0]`` without one) plus
+  ``Matched count``, ``Matched ratio``, ``correct count within matched`` and
+  ``correct ratio within matched`` (leading letters a..e of the option count).
 * ``d2vlm-strict``: D2VLM's ``..._strict_rvq`` copy of the official script:
   official everywhere except referring, where a recognised ``(X)`` letter and a
   recognised leading letter are both final.
@@ -51,8 +68,14 @@ Where the official scripts crash, every variant returns this documented result:
 
 In every variant the random filler strings of dvc/slc Sim are seeded
 (``similarity.FILLER_SEED``; the official ones are unseeded, so official Sim
-wobbles slightly between runs) and captions are normalised with the pure-Python
-``similarity.ptb_normalize`` instead of the Java PTBTokenizer.
+wobbles slightly between runs). Captions are tokenized as the official scorer
+does (non-ASCII to spaces, then the Java PTBTokenizer from pycocoevalcap) when
+the ``captioning`` extra and java are present; otherwise with the pure-Python
+``similarity.ptb_normalize`` and a note in ``notes``.
+
+An empty record list, or a dvc/slc record whose ``g`` does not hold one caption
+per ``tgt`` span, raises ``ETBenchInputError`` (official: exit 0 with no
+metrics, resp. IndexError).
 
 NaN mIoU (official behaviour for a zero-length prediction on a zero-length GT)
 is kept as ``float('nan')``; the CLI writes it as JSON ``null``.
@@ -76,6 +99,7 @@ from d2vlm_ray.eval.parsers import (
     letter_map,
     paren_letter,
     parse_dense_captions,
+    parse_dense_evidence,
     parse_evidence_spans,
     parse_spans,
     parse_vhd_midpoint,
@@ -83,7 +107,13 @@ from d2vlm_ray.eval.parsers import (
     split_evidence,
     strip_choice_prefix,
 )
-from d2vlm_ray.eval.similarity import FILLER_SEED, SentenceSimilarity, filler_string, ptb_normalize
+from d2vlm_ray.eval.similarity import (
+    FILLER_SEED,
+    SentenceSimilarity,
+    filler_string,
+    ptb_normalize,
+    remove_nonascii,
+)
 from d2vlm_ray.eval.spans import ETBENCH_THRESHOLDS, MAX_PROPOSALS, dense_iou, detection_precision_recall, nncore_iou
 
 TASKS = ("rar", "eca", "rvq", "tvg", "epm", "tal", "evs", "vhd", "dvc", "slc", "tem", "gvq")
@@ -116,6 +146,7 @@ class Variant:
         per_sample_letters: Letter map from each sample's option count.
         nan_iou_zero: Two zero-length spans have IoU 0 instead of NaN.
         key_by_sample: Key dvc/slc samples by (video, idx) instead of video.
+        evidence_metrics: Add D2VLM's ``*_evi`` metrics (needs ``delimiter``).
     """
 
     name: str
@@ -128,12 +159,13 @@ class Variant:
     per_sample_letters: bool = False
     nan_iou_zero: bool = False
     key_by_sample: bool = False
+    evidence_metrics: bool = False
 
 
 VARIANTS: dict[str, Variant] = {
     "official": Variant("official"),
     "d2vlm": Variant("d2vlm", delimiter=EVIDENCE_DELIMITER, grounding_max_iou=True, referring="d2vlm",
-                     vhd_midpoint=True, evs_union=True, tal_reset=True),
+                     vhd_midpoint=True, evs_union=True, tal_reset=True, evidence_metrics=True),
     "d2vlm-strict": Variant("d2vlm-strict", referring="strict"),
     "fixed": Variant("fixed", per_sample_letters=True, nan_iou_zero=True, key_by_sample=True),
 }
@@ -199,64 +231,123 @@ def _recall_block(hits: list[int], total: int, prefix: str) -> tuple[dict[str, f
     return block, sum(recalls) / len(recalls)
 
 
+class _RecallTally:
+    """Running hits at each E.T. Bench threshold and the IoU sum of one span source."""
+
+    def __init__(self) -> None:
+        self.hits = [0] * len(ETBENCH_THRESHOLDS)
+        self.sum_iou = 0.0
+
+    def add(self, iou: float) -> None:
+        """Count one sample's IoU (NaN adds NaN to the sum and no hit, as in torch)."""
+        self.sum_iou += iou
+        self.hits = [h + int(iou >= thr) for h, thr in zip(self.hits, ETBENCH_THRESHOLDS)]
+
+    def block(self, total: int, prefix: str, miou_key: str, mean_key: str) -> dict[str, float]:
+        """``{miou_key, prefix@θ..., mean_key}`` over ``total`` samples, rounded to 5 decimals."""
+        recalls, mean = _recall_block(self.hits, total, prefix)
+        return {miou_key: _r5(self.sum_iou / total)} | recalls | {mean_key: _r5(mean)}
+
+
 def eval_tvg(samples: list[dict[str, Any]], variant: Variant) -> dict[str, Any]:
-    """TVG/EPM: R@θ of the first (d2vlm: best) interval, stored as ``F1@θ``; F1 = mean R@θ."""
-    hits = [0] * len(ETBENCH_THRESHOLDS)
-    failed, sum_iou = 0, 0.0
+    """TVG/EPM: R@θ of the first (d2vlm: best) interval, stored as ``F1@θ``; F1 = mean R@θ.
+
+    With evidence metrics, the same over the evidence spans (best of all; the
+    answer spans when there is no evidence) as ``mIoU_evi``, ``F1_evi@θ``, ``F1_evi``.
+    """
+    answer, evidence = _RecallTally(), _RecallTally()
+    failed = 0
     for sample in samples:
-        spans, _ = _grounding_parse(sample["a"], variant)
+        spans, evidence_spans = _grounding_parse(sample["a"], variant)
         if not spans:
             failed += 1
             continue
         candidates = spans if variant.grounding_max_iou else spans[:1]
-        iou = _max_nan(_iou(sample["tgt"], span, variant) for span in candidates)
-        sum_iou += iou
-        hits = [h + int(iou >= thr) for h, thr in zip(hits, ETBENCH_THRESHOLDS)]
-    block, mean = _recall_block(hits, len(samples), "F1")
-    return {"Total": len(samples), "Failed": failed, "mIoU": _r5(sum_iou / len(samples))} | block | {"F1": _r5(mean)}
+        answer.add(_max_nan(_iou(sample["tgt"], span, variant) for span in candidates))
+        if variant.evidence_metrics:
+            evidence.add(_max_nan(_iou(sample["tgt"], span, variant) for span in evidence_spans or spans))
+    out = {"Total": len(samples), "Failed": failed} | answer.block(len(samples), "F1", "mIoU", "F1")
+    if variant.evidence_metrics:
+        out |= evidence.block(len(samples), "F1_evi", "mIoU_evi", "F1_evi")
+    return out
 
 
 def eval_tem(samples: list[dict[str, Any]], variant: Variant) -> dict[str, Any]:
-    """TEM: IoU of the first interval with the best GT segment; R@θ and mRec."""
-    hits = [0] * len(ETBENCH_THRESHOLDS)
-    failed, sum_iou = 0, 0.0
+    """TEM: IoU of the first interval with the best GT segment; R@θ and mRec.
+
+    With evidence metrics, the same for the first evidence span (the first answer
+    span when there is no evidence): ``mIoU_evi``, ``R_evi@θ``, ``mRec_evi``.
+    """
+    answer, evidence = _RecallTally(), _RecallTally()
+    failed = 0
     for sample in samples:
-        spans, _ = _grounding_parse(sample["a"], variant)
+        spans, evidence_spans = _grounding_parse(sample["a"], variant)
         if not spans:
             failed += 1
             continue
-        iou = _max_nan(_iou(gt, spans[0], variant) for gt in sample["tgt"])
-        sum_iou += iou
-        hits = [h + int(iou >= thr) for h, thr in zip(hits, ETBENCH_THRESHOLDS)]
-    block, mean = _recall_block(hits, len(samples), "R")
-    return {"Total": len(samples), "Failed": failed, "mIoU": _r5(sum_iou / len(samples))} | block | {"mRec": _r5(mean)}
+        answer.add(_max_nan(_iou(gt, spans[0], variant) for gt in sample["tgt"]))
+        if variant.evidence_metrics:
+            first_evidence = (evidence_spans or spans)[0]
+            evidence.add(_max_nan(_iou(gt, first_evidence, variant) for gt in sample["tgt"]))
+    out = {"Total": len(samples), "Failed": failed} | answer.block(len(samples), "R", "mIoU", "mRec")
+    if variant.evidence_metrics:
+        out |= evidence.block(len(samples), "R_evi", "mIoU_evi", "mRec_evi")
+    return out
+
+
+def _iou_matrix(gts: list[Span], spans: list[Span], variant: Variant) -> np.ndarray:
+    """G×P IoU matrix, float64 holding the float32 IoUs."""
+    return np.array([[_iou(gt, span, variant) for span in spans] for gt in gts], dtype=np.float64)
+
+
+def _add_matrix_f1(running: float, matrix: np.ndarray, thr: float, reset: bool) -> float:
+    """Add one sample's TAL F1 at ``thr`` to a running sum.
+
+    Recall is over GT rows and precision over prediction columns (any match, no
+    one-to-one assignment). When both are 0 the sample adds nothing, or, with
+    ``reset`` (D2VLM's guard), the running sum itself becomes 0.
+    """
+    rec = float(np.mean(matrix.max(axis=1) >= thr))
+    prc = float(np.mean(matrix.max(axis=0) >= thr))
+    if rec == 0 and prc == 0:
+        return 0.0 if reset else running
+    return running + 2 * prc * rec / (prc + rec)
 
 
 def eval_tal(samples: list[dict[str, Any]], variant: Variant) -> dict[str, Any]:
-    """TAL: per-sample F1 from the G×P IoU matrix (no one-to-one matching)."""
+    """TAL: per-sample F1 from the G×P IoU matrix (no one-to-one matching).
+
+    With evidence metrics, ``F1_evi@θ``/``F1_evi`` score the evidence spans (or
+    the answer spans) the way D2VLM does: only at thresholds the ANSWER reaches,
+    and an evidence F1 of 0 there resets that threshold's running sum to 0.
+    """
     f1_sums = [0.0] * len(ETBENCH_THRESHOLDS)
+    f1_sums_evi = [0.0] * len(ETBENCH_THRESHOLDS)
     failed = 0
     for sample in samples:
-        spans, _ = _grounding_parse(sample["a"], variant)
+        spans, evidence_spans = _grounding_parse(sample["a"], variant)
         if not spans:
             failed += 1
             continue
-        matrix = np.array([[_iou(gt, span, variant) for span in spans] for gt in sample["tgt"]], dtype=np.float64)
+        matrix = _iou_matrix(sample["tgt"], spans, variant)
+        matrix_evi = _iou_matrix(sample["tgt"], evidence_spans or spans, variant)
         for i, thr in enumerate(ETBENCH_THRESHOLDS):
             # NaN compares False, so a NaN matrix skips this guard as in torch.
             if matrix.max() < thr:
                 continue
-            rec = float(np.mean(matrix.max(axis=1) >= thr))
-            prc = float(np.mean(matrix.max(axis=0) >= thr))
-            if rec + prc == 0:
-                if variant.tal_reset:
-                    f1_sums[i] = 0.0
-                continue
-            f1_sums[i] += 2 * prc * rec / (prc + rec)
-    f1_scores = [f / len(samples) for f in f1_sums]
+            # For the answer rec = prc = 0 needs NaN IoUs past the guard; for the evidence it
+            # is common (evidence missing a GT the answer hits), and D2VLM resets there too.
+            f1_sums[i] = _add_matrix_f1(f1_sums[i], matrix, thr, variant.tal_reset)
+            if variant.evidence_metrics:
+                f1_sums_evi[i] = _add_matrix_f1(f1_sums_evi[i], matrix_evi, thr, reset=True)
     out: dict[str, Any] = {"Total": len(samples), "Failed": failed}
+    f1_scores = [f / len(samples) for f in f1_sums]
     out |= {f"F1@{thr}": _r5(f1) for thr, f1 in zip(ETBENCH_THRESHOLDS, f1_scores)}
     out["F1"] = _r5(sum(f1_scores) / len(f1_scores))
+    if variant.evidence_metrics:
+        f1_scores_evi = [f / len(samples) for f in f1_sums_evi]
+        out |= {f"F1_evi@{thr}": _r5(f1) for thr, f1 in zip(ETBENCH_THRESHOLDS, f1_scores_evi)}
+        out["F1_evi"] = _r5(sum(f1_scores_evi) / len(f1_scores_evi))
     return out
 
 
@@ -269,7 +360,11 @@ def _bins(spans: Iterable[Span], n_bins: int = 1000) -> np.ndarray:
 
 
 def eval_evs(samples: list[dict[str, Any]], variant: Variant) -> dict[str, Any]:
-    """EVS: 1-second-bin F1 averaged over successfully parsed samples only."""
+    """EVS: 1-second-bin F1 averaged over successfully parsed samples only.
+
+    With evidence metrics ``F1_evi`` equals ``F1``: D2VLM paints the answer and
+    the evidence spans into one shared mask and scores that mask twice.
+    """
     f1_scores: list[float] = []
     failed = 0
     for sample in samples:
@@ -290,27 +385,41 @@ def eval_evs(samples: list[dict[str, Any]], variant: Variant) -> dict[str, Any]:
         rec, prc = tp / (tp + fn), tp / (tp + fp)
         f1_scores.append(2 * prc * rec / (prc + rec))
     f1 = _r5(sum(f1_scores) / len(f1_scores)) if f1_scores else 0
-    return {"Total": len(samples), "Failed": failed, "F1": f1}
+    out = {"Total": len(samples), "Failed": failed, "F1": f1}
+    if variant.evidence_metrics:
+        out["F1_evi"] = f1
+    return out
 
 
 def eval_vhd(samples: list[dict[str, Any]], variant: Variant) -> dict[str, Any]:
-    """VHD: hit if the point lies inside any annotator window (inclusive); F1 = hits / N."""
-    hits, failed = 0, 0
+    """VHD: hit if the point lies inside any annotator window (inclusive); F1 = hits / N.
+
+    With evidence metrics, ``F1_evi`` uses the midpoint of the evidence's first
+    span (the answer point when the evidence has none).
+    """
+    hits, hits_evi, failed = 0, 0, 0
     for sample in samples:
         windows = sample["tgt"]
         if not isinstance(windows[0][0], (list, tuple)):
             windows = [windows]
+        evidence_point = None
         if variant.vhd_midpoint:
             parts = split_evidence(sample["a"], variant.delimiter or EVIDENCE_DELIMITER)
             point = parse_vhd_midpoint(parts[1]) if parts else None
+            evidence_point = parse_vhd_midpoint(parts[0]) if parts else None
         else:
             point = parse_vhd_point(sample["a"])
         if point is None:
             failed += 1
             continue
-        if any(w[0] <= point <= w[1] for annotator in windows for w in annotator):
-            hits += 1
-    return {"Total": len(samples), "Failed": failed, "F1": _r5(hits / len(samples))}
+        hits += int(any(w[0] <= point <= w[1] for annotator in windows for w in annotator))
+        if evidence_point is None:
+            evidence_point = point
+        hits_evi += int(any(w[0] <= evidence_point <= w[1] for annotator in windows for w in annotator))
+    out = {"Total": len(samples), "Failed": failed, "F1": _r5(hits / len(samples))}
+    if variant.evidence_metrics:
+        out["F1_evi"] = _r5(hits_evi / len(samples))
+    return out
 
 
 def _option_texts(options: list[Any]) -> list[str]:
@@ -374,9 +483,17 @@ def eval_referring(samples: list[dict[str, Any]], variant: Variant, similarity: 
 
 
 def eval_gvq(samples: list[dict[str, Any]], variant: Variant, similarity: SimilarityFn) -> dict[str, Any]:
-    """GVQ: choice (a recognised leading letter is final) AND grounding; R@θ, mRec, Acc."""
+    """GVQ: choice (a recognised leading letter is final) AND grounding; R@θ, mRec, Acc.
+
+    With evidence metrics, also ``mIoU_evi``/``R_evi@θ``/``mRec_evi`` from the
+    first evidence span (``[0, 0]`` without one, as D2VLM) of the correctly
+    answered samples, and D2VLM's letter statistics: ``Matched count`` (answers
+    with a recognised leading letter), ``Matched ratio`` (over all samples),
+    ``correct count within matched`` and ``correct ratio within matched``
+    (correct / (matched + 1e-7), D2VLM's guard against 0/0).
+    """
     correct_ids: set[int] = set()
-    choice_failed = 0
+    choice_failed, matched, matched_correct = 0, 0, 0
     for i, sample in enumerate(samples):
         text = sample["a"]
         if variant.delimiter is not None:
@@ -388,27 +505,71 @@ def eval_gvq(samples: list[dict[str, Any]], variant: Variant, similarity: Simila
         choices = letter_map(len(sample["o"]))
         letter = leading_letter(processed)
         if letter is not None and letter in choices:
+            matched += 1
             if sample["p"] == choices[letter]:
                 correct_ids.add(i)
+                matched_correct += 1
             continue
         if similarity().best_option(processed, _option_texts(sample["o"])) == sample["p"]:
             correct_ids.add(i)
-    hits = [0] * len(ETBENCH_THRESHOLDS)
-    ground_failed, sum_iou = 0, 0.0
+    answer, evidence = _RecallTally(), _RecallTally()
+    ground_failed = 0
     for i, sample in enumerate(samples):
         if i not in correct_ids:
             continue
-        spans, _ = _grounding_parse(sample["a"], variant)
+        spans, evidence_spans = _grounding_parse(sample["a"], variant)
         if not spans:
             ground_failed += 1
             continue
-        iou = _iou(sample["tgt"], spans[0], variant)
-        sum_iou += iou
-        hits = [h + int(iou >= thr) for h, thr in zip(hits, ETBENCH_THRESHOLDS)]
-    block, mean = _recall_block(hits, len(samples), "R")
-    out: dict[str, Any] = {"Total": len(samples), "Failed": ground_failed + choice_failed,
-                           "mIoU": _r5(sum_iou / len(samples))}
-    return out | block | {"mRec": _r5(mean), "Acc": _r5(len(correct_ids) / len(samples))}
+        answer.add(_iou(sample["tgt"], spans[0], variant))
+        if variant.evidence_metrics:
+            evidence.add(_iou(sample["tgt"], evidence_spans[0] if evidence_spans else [0.0, 0.0], variant))
+    total = len(samples)
+    out: dict[str, Any] = {"Total": total, "Failed": ground_failed + choice_failed}
+    out |= answer.block(total, "R", "mIoU", "mRec") | {"Acc": _r5(len(correct_ids) / total)}
+    if variant.evidence_metrics:
+        out |= evidence.block(total, "R_evi", "mIoU_evi", "mRec_evi")
+        out |= {"Matched count": matched, "Matched ratio": matched / total,
+                "correct count within matched": matched_correct,
+                "correct ratio within matched": matched_correct / (matched + 1e-7)}
+    return out
+
+
+class ETBenchInputError(ValueError):
+    """E.T. Bench prediction records that cannot be scored (empty input, inconsistent GT fields)."""
+
+
+def caption_tokenizer(with_coco: bool) -> Callable[[list[str]], list[str]]:
+    """The caption tokenizer the official scorer uses: non-ASCII to spaces, then Java PTB.
+
+    Falls back to the pure-Python ``ptb_normalize`` when java/pycocoevalcap are
+    missing or caption metrics are switched off (``evaluate_etbench`` then adds
+    a note, since Sim and Bleu/CIDEr can move in the 4th decimal).
+    """
+    if with_coco and coco.unavailable_reason() is None:
+        return lambda texts: coco.ptb_tokenize([remove_nonascii(text) for text in texts])
+    return lambda texts: [ptb_normalize(text) for text in texts]
+
+
+def _detection_f1(
+    pred_spans: dict[Any, list[Span]],
+    gts: dict[Any, tuple[list[Span], list[str]]],
+    scale: float,
+    prefix: str,
+    max_proposals: int | None = MAX_PROPOSALS,
+) -> dict[str, float]:
+    """``{prefix}@θ`` and ``{prefix}``: densevid F1 from mean P/R over parsed videos, both scaled by ``scale``."""
+    block: dict[str, float] = {}
+    f1_scores = []
+    for thr in ETBENCH_THRESHOLDS:
+        pr = [detection_precision_recall(pred_spans[k], gts[k][0], thr, max_proposals) for k in gts]
+        prc = float(np.mean([p for p, _ in pr])) * scale if pr else 0.0
+        rec = float(np.mean([r for _, r in pr])) * scale if pr else 0.0
+        f1 = 0.0 if prc + rec == 0 else 2 * prc * rec / (prc + rec)
+        block[f"{prefix}@{thr}"] = _r5(f1)
+        f1_scores.append(f1)
+    block[prefix] = _r5(sum(f1_scores) / len(f1_scores))
+    return block
 
 
 def eval_dvc(
@@ -423,6 +584,7 @@ def eval_dvc(
     """
     gts: dict[Any, tuple[list[Span], list[str]]] = {}
     preds: dict[Any, list[tuple[Span, str]]] = {}
+    evidence: dict[Any, list[Span]] = {}
     failed = 0
     for sample in samples:
         parsed = parse_dense_captions(sample["a"], variant.delimiter)
@@ -431,18 +593,20 @@ def eval_dvc(
             continue
         key = (sample["video"], sample.get("idx")) if variant.key_by_sample else sample["video"]
         gts[key] = (sample["tgt"], sample["g"])
+        # The official scorer indexes g by tgt position and dies with IndexError; say what is wrong instead.
+        if not isinstance(sample["g"], list) or len(sample["g"]) != len(sample["tgt"]):
+            raise ETBenchInputError(
+                f"{sample.get('task')} sample idx={sample.get('idx')} ({sample['video']}): 'g' must hold one "
+                f"caption per 'tgt' span ({len(sample['tgt'])}), got {sample['g']!r}")
         preds[key] = list(zip(*parsed))[:MAX_PROPOSALS]
+        if variant.evidence_metrics:
+            evidence[key] = parse_dense_evidence(sample["a"], variant.delimiter or EVIDENCE_DELIMITER)
     scale = len(preds) / len(samples)
     out: dict[str, Any] = {"Total": len(samples), "Failed": failed}
-    f1_scores = []
-    for thr in ETBENCH_THRESHOLDS:
-        pr = [detection_precision_recall([p[0] for p in preds[k]], gts[k][0], thr) for k in gts]
-        prc = float(np.mean([p for p, _ in pr])) * scale if pr else 0.0
-        rec = float(np.mean([r for _, r in pr])) * scale if pr else 0.0
-        f1 = 0.0 if prc + rec == 0 else 2 * prc * rec / (prc + rec)
-        out[f"F1@{thr}"] = _r5(f1)
-        f1_scores.append(f1)
-    out["F1"] = _r5(sum(f1_scores) / len(f1_scores))
+    out |= _detection_f1({k: [p[0] for p in preds[k]] for k in gts}, gts, scale, "F1")
+    if variant.evidence_metrics:
+        # D2VLM scores every evidence span (no proposal cap) with the answer parse rate.
+        out |= _detection_f1(evidence, gts, scale, "F1_evi", max_proposals=None)
 
     rng = random.Random(FILLER_SEED)
     pairs_per_thr: list[dict[Any, list[tuple[str, str]]]] = []
@@ -451,14 +615,18 @@ def eval_dvc(
         for key, (gt_spans, gt_caps) in gts.items():
             pairs: list[tuple[str, str]] = []
             for span, caption in preds[key]:
-                matched = [gt_caps[j] for j, gt in enumerate(gt_spans)
-                           if j < len(gt_caps) and dense_iou(span, gt) >= thr]
+                matched = [gt_caps[j] for j, gt in enumerate(gt_spans) if dense_iou(span, gt) >= thr]
                 if matched:
                     pairs.extend((caption, ref) for ref in matched)
                 else:
                     pairs.append((caption, filler_string(rng)))
-            video_pairs[key] = [(ptb_normalize(p), ptb_normalize(r)) for p, r in pairs]
+            video_pairs[key] = pairs
         pairs_per_thr.append(video_pairs)
+    tokenize = caption_tokenizer(with_coco)
+    raw_texts = sorted({t for vp in pairs_per_thr for pairs in vp.values() for pair in pairs for t in pair})
+    tokens = dict(zip(raw_texts, tokenize(raw_texts)))
+    pairs_per_thr = [{key: [(tokens[p], tokens[r]) for p, r in pairs] for key, pairs in vp.items()}
+                     for vp in pairs_per_thr]
 
     if not gts:
         out["SentSim"] = 0.0
@@ -578,6 +746,8 @@ def evaluate_etbench(
         ValueError: Unknown variant or task, or a record without the needed fields.
     """
     config = get_variant(variant)
+    if not samples:
+        raise ETBenchInputError("no E.T. Bench prediction records to score")
     lazy = _LazySimilarity(similarity)
     groups: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for record in samples:
@@ -598,4 +768,7 @@ def evaluate_etbench(
         reason = coco.unavailable_reason()
         if reason:
             notes.append(reason)
+    if any(t in groups for t in CAPTIONING_TASKS) and (not with_coco or coco.unavailable_reason()):
+        notes.append("dvc/slc captions tokenized with the pure-Python PTB approximation, not the Java "
+                     "PTBTokenizer the official scorer runs; SentSim may differ from official in the 4th decimal")
     return collected | summarize(collected) | {"variant": config.name, "notes": notes}

@@ -78,7 +78,7 @@ def _pair_consecutive(times_s: list[float]) -> list[Span]:
     return [[times_s[i], times_s[i + 1]] for i in range(0, len(times_s), 2)]
 
 
-def parse_spans(answer: str, strip_trailing_dot: bool = False) -> list[Span] | None:
+def parse_spans(answer: str, strip_trailing_dot: bool = False, to_stage: bool = True) -> list[Span] | None:
     """Read every time span in ``answer`` with the official four-stage rule.
 
     Stages, first non-empty wins: (1) all ``a - b`` ranges in the lower-cased
@@ -91,13 +91,15 @@ def parse_spans(answer: str, strip_trailing_dot: bool = False) -> list[Span] | N
         answer: Raw model text.
         strip_trailing_dot: D2VLM's variant strips trailing dots from the
             stage-1 numbers (``"10. - 20."``).
+        to_stage: Run stage 2 (``a to b``). TimeChat's ``extract_time`` has no
+            such stage, so its variant passes ``False``.
 
     Returns:
         The spans in seconds, or ``None`` (a parse failure) if none was found.
     """
     text = answer.lower()
     spans = _pairs(_RANGE_RE.findall(text), strip_trailing_dot)
-    if not spans:
+    if not spans and to_stage:
         spans = _pairs(_TO_RE.findall(text))
     if not spans:
         times_s: list[float] = []
@@ -133,6 +135,23 @@ def parse_evidence_spans(evidence: str) -> list[Span] | None:
     """
     spans = _pairs(_RANGE_RE.findall(evidence.lower()))
     return spans or None
+
+
+def parse_dense_evidence(answer: str, delimiter: str = EVIDENCE_DELIMITER) -> list[Span]:
+    """D2VLM dvc/slc evidence: every ``a - b`` range before the first delimiter.
+
+    As D2VLM's scorer reads it: lower-cased, runs of two or more dots collapsed
+    to a space, spans kept in written order (not sorted).
+
+    Args:
+        answer: Raw model text.
+        delimiter: Separator, ``</evi>`` by default.
+
+    Returns:
+        The evidence spans in seconds; empty when there are none.
+    """
+    evidence = answer.split(delimiter)[0] if delimiter else answer
+    return _pairs(_RANGE_RE.findall(re.sub(r"\.{2,}", " ", evidence.lower())))
 
 
 def split_evidence(answer: str, delimiter: str = EVIDENCE_DELIMITER) -> tuple[str, str] | None:

@@ -21,10 +21,12 @@ plus pycocoevalcap's punctuation filter with a pure-Python equivalent:
    ``-LRB-`` etc.), ``. ? ! , : ; - -- ...``;
 6. the tokens are joined with single spaces.
 
-Known differences from the Java tokenizer: PTB's rarer rules (abbreviation
-periods such as ``u.s.`` at a sentence end, ``cannot`` -> ``can not``, ``&amp;``
-entities) are not reproduced; they do not occur in the benchmark's step captions
-in a way that changes MiniLM embeddings materially.
+Known differences from the Java tokenizer: PTB keeps a single letter with its
+period (``a.``) and tags such as ``</evi>`` as one token, and has rarer rules
+(abbreviation periods such as ``u.s.``, ``cannot`` -> ``can not``, ``&amp;``
+entities) that are not reproduced. The scorers therefore use the Java tokenizer
+(``coco.ptb_tokenize``) whenever the ``captioning`` extra and java are present,
+and this function only as the noted fallback.
 """
 
 from __future__ import annotations
@@ -145,7 +147,12 @@ def _load_model() -> Any:
 
 
 class SentenceSimilarity:
-    """Cosine similarity of MiniLM sentence embeddings (loaded once per process)."""
+    """Cosine similarity of MiniLM sentence embeddings (model loaded once per process).
+
+    Embeddings are cached per instance by text and computed in batches: scorers ask
+    for the same option and caption texts many times, and one ``encode`` call per
+    sentence dominated the run time (hundreds of calls per benchmark file).
+    """
 
     def __init__(self) -> None:
         """Load (or reuse) the verified packaged model.
@@ -154,17 +161,24 @@ class SentenceSimilarity:
             SimilarityModelError: If the package is missing or the weights differ.
         """
         self._model = _load_model()
+        self._cache: dict[str, np.ndarray] = {}
+        self.encode_calls = 0
+        """How many batched ``encode`` calls this instance made (for speed checks)."""
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        """Unit-norm embeddings, shape ``(len(texts), 384)``, float32."""
+        """Unit-norm embeddings, shape ``(len(texts), 384)``, float32 (uncached texts in one batch)."""
         if not texts:
             return np.zeros((0, 384), dtype=np.float32)
-        return np.asarray(self._model.encode(list(texts), convert_to_numpy=True, show_progress_bar=False))
+        missing = list(dict.fromkeys(text for text in texts if text not in self._cache))
+        if missing:
+            self.encode_calls += 1
+            vectors = np.asarray(self._model.encode(missing, convert_to_numpy=True, show_progress_bar=False))
+            self._cache.update(zip(missing, vectors))
+        return np.stack([self._cache[text] for text in texts])
 
     def similarity(self, a: str, b: str) -> float:
-        """Cosine similarity of two texts (each embedded on its own, as the official ``compute_sim``)."""
-        emb_a = self.embed([a])[0]
-        emb_b = self.embed([b])[0]
+        """Cosine similarity of two texts."""
+        emb_a, emb_b = self.embed([a, b])
         return float(np.dot(emb_a, emb_b))
 
     def best_option(self, answer: str, options: list[str]) -> int:
@@ -174,10 +188,10 @@ class SentenceSimilarity:
             answer: The processed answer text.
             options: Option texts already written as ``"(A) ..."``.
         """
+        embeddings = self.embed([answer, *options])  # (1 + n_options, 384)
         best_idx, best_score = 0, float("-inf")
-        answer_emb = self.embed([answer])[0]
-        for idx, option in enumerate(options):
-            score = float(np.dot(answer_emb, self.embed([option])[0]))
+        for idx in range(len(options)):
+            score = float(np.dot(embeddings[0], embeddings[idx + 1]))
             # Strict '>' keeps the first of equal scores, as the official argmax does.
             if score > best_score:
                 best_idx, best_score = idx, score

@@ -115,19 +115,23 @@ def recall_at_iou(
 
 
 def detection_precision_recall(
-    pred_spans: Sequence[SpanLike], gt_spans: Sequence[SpanLike], threshold: float
+    pred_spans: Sequence[SpanLike],
+    gt_spans: Sequence[SpanLike],
+    threshold: float,
+    max_proposals: int | None = MAX_PROPOSALS,
 ) -> tuple[float, float]:
     """Per-video densevid precision and recall at one threshold (strict ``>``).
 
     Args:
-        pred_spans: Predicted spans of one video (at most 1000 are used).
+        pred_spans: Predicted spans of one video.
         gt_spans: Ground-truth spans of the video.
         threshold: IoU threshold.
+        max_proposals: Use only the first this many predictions (``None``: all).
 
     Returns:
         ``(precision, recall)``; precision is 0 with no prediction.
     """
-    preds = list(pred_spans)[:MAX_PROPOSALS]
+    preds = list(pred_spans)[:max_proposals]
     covered_preds: set[int] = set()
     covered_gts: set[int] = set()
     for p_idx, pred in enumerate(preds):
