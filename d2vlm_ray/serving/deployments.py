@@ -396,7 +396,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (403, "path outside the media roots, or URL scheme not allowed"),
         (413, "video too long, or upload/body too large"),
         (422, "invalid request, or a video that cannot be decoded (or lost too many frames: partial_decode)"),
-        (503, "overloaded (see Retry-After)"),
+        (503, "overloaded, or the replica working on it was lost and retries ran out (see Retry-After)"),
         (504, "deadline exceeded"),
     )
 }
