@@ -219,6 +219,7 @@ def _ingress(tmp_path: Path, **overrides: Any) -> Any:
     ingress.args = ServeArgs.model_validate(
         {"checkpoint_dir": str(tmp_path), "cache_root": str(tmp_path), **overrides}
     )
+    ingress._replacing = set()
     return ingress
 
 
@@ -314,6 +315,30 @@ def test_a_deadline_without_a_lost_replica_stays_504(tmp_path: Path) -> None:
 
     with pytest.raises(DeadlineExceeded):
         asyncio.run(_ingress(tmp_path)._call(slow, time.time() + 0.2, "ground"))
+
+
+def test_requests_queued_behind_a_lost_replica_get_503_until_one_succeeds(tmp_path: Path) -> None:
+    from d2vlm_ray.serving.errors import DeadlineExceeded, ReplicaLost
+
+    ingress = _ingress(tmp_path, max_replica_retries=0)
+
+    async def slow() -> str:
+        await asyncio.sleep(5)
+        return "done"
+
+    async def fast() -> str:
+        return "done"
+
+    with pytest.raises(ReplicaLost):
+        asyncio.run(ingress._call(_Flaky(1, _actor_died), time.time() + 10, "ground"))
+    # A request that never met the dead replica but waits for its replacement past its deadline.
+    with pytest.raises(ReplicaLost, match="within the deadline"):
+        asyncio.run(ingress._call(slow, time.time() + 0.2, "ground"))
+    with pytest.raises(DeadlineExceeded):  # another kind of call is not affected
+        asyncio.run(ingress._call(slow, time.time() + 0.2, "answer"))
+    assert asyncio.run(ingress._call(fast, time.time() + 10, "ground")) == "done"
+    with pytest.raises(DeadlineExceeded):  # replaced: slowness is a 504 again
+        asyncio.run(ingress._call(slow, time.time() + 0.2, "ground"))
 
 
 def test_bugs_are_not_retried(tmp_path: Path) -> None:

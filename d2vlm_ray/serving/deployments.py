@@ -580,6 +580,9 @@ class Ingress:
         self.inflight: dict[int, float] = {}
         self._next_slot = 0
         self._encoder_info: dict[str, str] | None = None
+        # Call kinds ("ground", ...) whose replica was lost and that have not succeeded since:
+        # their deployment may have no replica until Serve's replacement is up.
+        self._replacing: set[str] = set()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply hot-tunable limits from ``user_config`` (in-flight bound, token bounds, deadlines, body sizes)."""
@@ -639,12 +642,19 @@ class Ingress:
         answering keep no state), so a repeat is safe. When no retry is left, or the
         deadline passes while a replacement starts, the client gets 503 + ``Retry-After``
         (:class:`ReplicaLost`), not a 500 and not a 504: the request was lost, not slow.
+        The same holds for a request that never met the dead replica but queued behind
+        its loss: while a call of this kind has seen a lost replica and none has succeeded
+        since, its deadline expiring is a 503 too. A loss no call saw (a replica killed
+        while idle) is not known here, so requests queued behind it can still get 504.
         """
         retries = 0
         while True:
             try:
-                return await self._await(start(), deadline_unix_s)
+                result = await self._await(start(), deadline_unix_s)
+                self._replacing.discard(what)
+                return result
             except ReplicaLost as lost:
+                self._replacing.add(what)
                 if retries >= self.args.max_replica_retries:
                     raise ReplicaLost(
                         f"{what}: the replica was lost {retries + 1} times; retry later",
@@ -657,7 +667,7 @@ class Ingress:
                 logger.warning("%s: retrying on another replica (%d/%d)", what, retries, self.args.max_replica_retries)
                 await asyncio.sleep(pause_s)
             except DeadlineExceeded:
-                if retries == 0:
+                if retries == 0 and what not in self._replacing:
                     raise
                 raise ReplicaLost(
                     f"{what}: the replica was lost and no replacement finished the work within the deadline; "
