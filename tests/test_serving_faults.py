@@ -402,3 +402,93 @@ def test_request_validation_errors_get_the_project_body() -> None:
     assert status == 422, body
     assert body["reason"] == "validation_error"
     assert [d["loc"] for d in body["detail"]] == [["query", "count"]]
+
+
+class _FakeStream:
+    """A streamed answer: ``tokens`` StreamTokens, then the final result; dies after ``die_after`` steps."""
+
+    def __init__(self, tokens: int, die_after: int | None) -> None:
+        from d2vlm_ray.serving.core import StreamToken
+
+        self.steps: list[Any] = [StreamToken(i, f"t{i}", None, i) for i in range(tokens)] + ["final"]
+        self.die_after = die_after
+        self.sent = 0
+        self.cancelled = False
+
+    async def __anext__(self) -> Any:
+        if self.die_after is not None and self.sent >= self.die_after:
+            raise _actor_died()
+        if self.sent >= len(self.steps):
+            raise StopAsyncIteration
+        self.sent += 1
+        return self.steps[self.sent - 1]
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _FakeAnswerer:
+    """Stands in for the Answerer's handle: hands out the prepared streams in order."""
+
+    def __init__(self, streams: list[_FakeStream]) -> None:
+        self.streams = streams
+        self.started = 0
+
+    def options(self, **_: Any) -> _FakeAnswerer:
+        return self
+
+    @property
+    def answer_stream(self) -> _FakeAnswerer:
+        return self
+
+    def remote(self, _item: Any) -> _FakeStream:
+        self.started += 1
+        return self.streams[self.started - 1]
+
+
+def _stream_events(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, streams: list[_FakeStream]) -> list[tuple]:
+    """Run the Ingress's SSE generator against fake streams (payload rendering stubbed out)."""
+    from d2vlm_ray.config import DecodeSettings
+    from d2vlm_ray.serving import deployments
+
+    class _Validated:
+        def __init__(self, body: dict[str, Any]) -> None:
+            self.body = body
+
+        def model_dump(self, **_: Any) -> dict[str, Any]:
+            return self.body
+
+    ingress = _ingress(tmp_path, max_replica_retries=2)
+    # Serve's ingress decorator keeps its own copy of the class, so patch the globals its methods see.
+    scope = type(ingress)._sse.__globals__
+    monkeypatch.setitem(scope, "grounding_payload", lambda *a, **k: {})
+    monkeypatch.setitem(scope, "answer_payload", lambda _g, result, *a, **k: {"response": result})
+    monkeypatch.setattr(scope["AnswerResponse"], "model_validate", classmethod(lambda cls, body: _Validated(body)))
+    ingress.answerer = _FakeAnswerer(streams)
+    ingress.tokenizer = None
+    ingress.inflight = {7: time.time() + 60}
+    ref = type("Ref", (), {"cache_hit": True, "warnings": [], "missing_timestamps_s": []})()
+    item = deployments.AnswerItem(None, DecodeSettings(max_new_tokens=3), time.time() + 10)
+
+    async def collect() -> list[str]:
+        return [event async for event in ingress._sse(item, ref, {}, time.perf_counter(), 7)]
+
+    events = [block.split("\n") for block in asyncio.run(collect())]
+    assert 7 not in ingress.inflight, "the stream must release its in-flight slot"
+    return [(lines[0].removeprefix("event: "), json.loads(lines[1].removeprefix("data: "))) for lines in events]
+
+
+def test_a_stream_lost_before_its_first_token_restarts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    streams = [_FakeStream(3, die_after=0), _FakeStream(3, die_after=None)]
+    events = _stream_events(tmp_path, monkeypatch, streams)
+    assert [name for name, _ in events] == ["grounding", "token", "token", "token", "answer"]
+    assert events[-1][1]["response"] == "final"
+
+
+def test_a_stream_lost_after_a_token_reports_503_in_band(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    streams = [_FakeStream(3, die_after=1), _FakeStream(3, die_after=None)]
+    events = _stream_events(tmp_path, monkeypatch, streams)
+    assert [name for name, _ in events] == ["grounding", "token", "error"]
+    error = events[-1][1]
+    assert (error["status"], error["reason"], error["retry_after_s"]) == (503, "replica_unavailable", 1)
+    assert streams[0].cancelled and streams[1].sent == 0
