@@ -416,6 +416,8 @@ class _FakeStream:
         self.cancelled = False
 
     async def __anext__(self) -> Any:
+        if self.die_after == -1:  # a replacement that never comes up
+            await asyncio.sleep(60)
         if self.die_after is not None and self.sent >= self.die_after:
             raise _actor_died()
         if self.sent >= len(self.steps):
@@ -446,7 +448,9 @@ class _FakeAnswerer:
         return self.streams[self.started - 1]
 
 
-def _stream_events(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, streams: list[_FakeStream]) -> list[tuple]:
+def _stream_events(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, streams: list[_FakeStream], deadline_s: float = 10.0
+) -> list[tuple]:
     """Run the Ingress's SSE generator against fake streams (payload rendering stubbed out)."""
     from d2vlm_ray.config import DecodeSettings
     from d2vlm_ray.serving import deployments
@@ -468,7 +472,7 @@ def _stream_events(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, streams: lis
     ingress.tokenizer = None
     ingress.inflight = {7: time.time() + 60}
     ref = type("Ref", (), {"cache_hit": True, "warnings": [], "missing_timestamps_s": []})()
-    item = deployments.AnswerItem(None, DecodeSettings(max_new_tokens=3), time.time() + 10)
+    item = deployments.AnswerItem(None, DecodeSettings(max_new_tokens=3), time.time() + deadline_s)
 
     async def collect() -> list[str]:
         return [event async for event in ingress._sse(item, ref, {}, time.perf_counter(), 7)]
@@ -492,3 +496,12 @@ def test_a_stream_lost_after_a_token_reports_503_in_band(tmp_path: Path, monkeyp
     error = events[-1][1]
     assert (error["status"], error["reason"], error["retry_after_s"]) == (503, "replica_unavailable", 1)
     assert streams[0].cancelled and streams[1].sent == 0
+
+
+def test_a_stream_whose_replacement_misses_the_deadline_reports_503(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    streams = [_FakeStream(3, die_after=0), _FakeStream(3, die_after=-1)]
+    events = _stream_events(tmp_path, monkeypatch, streams, deadline_s=0.5)
+    assert [name for name, _ in events] == ["grounding", "error"]
+    assert (events[-1][1]["status"], events[-1][1]["reason"]) == (503, "replica_unavailable")

@@ -898,6 +898,13 @@ class Ingress:
                     step = await self._await(stream.__anext__(), item.deadline_unix_s)
                 except StopAsyncIteration:
                     break
+                except DeadlineExceeded:
+                    if not restarts:
+                        raise
+                    raise ReplicaLost(
+                        "answer: the replica was lost and no replacement streamed within the deadline; retry later",
+                        retry_after_s=self.args.retry_after_s,
+                    ) from None
                 except ReplicaLost:
                     # Before its first token a stream is as idempotent as a plain answer: start it
                     # again on a healthy replica. After it, the client holds tokens a new stream
