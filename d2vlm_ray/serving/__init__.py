@@ -32,6 +32,7 @@ allowed URL)::
 
 Errors are ``{"detail": ..., "reason": ...}``: 422 (invalid request or undecodable video,
 ``reason`` = the decoder's reason), 403 (path outside the media roots, URL scheme not
-allowed), 413 (video too long, upload too big), 503 + ``Retry-After`` (overloaded),
-504 (deadline exceeded).
+allowed), 413 (video too long, upload too big), 503 + ``Retry-After`` (overloaded, or
+``replica_unavailable``: a replica died and the retries on healthy ones ran out), 504
+(deadline exceeded). Work lost with a dead replica is retried on another one first.
 """

@@ -59,6 +59,9 @@ class ServeArgs(BaseModel):
         max_inflight_requests: Requests one Ingress replica works on at once; more get
             503 with ``Retry-After`` instead of queueing.
         retry_after_s: The ``Retry-After`` value of a 503.
+        max_replica_retries: How often the Ingress repeats a request's idempotent work
+            (features, grounding, answering) on another replica when the one working on
+            it dies; bounded so that a request that kills replicas cannot kill them all.
         max_batch_size: Largest batch the Grounder and Answerer decode together.
         batch_wait_timeout_s: How long they wait to fill a batch.
     """
@@ -90,6 +93,7 @@ class ServeArgs(BaseModel):
     max_deadline_s: float = Field(120.0, gt=0)
     max_inflight_requests: int = Field(32, ge=1)
     retry_after_s: int = Field(1, ge=1)
+    max_replica_retries: int = Field(2, ge=0)
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
 

@@ -19,12 +19,13 @@ the GIL.
 # No ``from __future__ import annotations`` here: FastAPI reads the route signatures
 # (``request: Request``) at runtime, and Serve's class-based ingress re-binds them.
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.formparsers import MultiPartException
 
@@ -61,6 +63,7 @@ from d2vlm_ray.serving.errors import (
     FeaturesUnavailable,
     InvalidRequest,
     Overloaded,
+    ReplicaLost,
     ServiceError,
     TooLarge,
     unwrap_service_error,
@@ -84,6 +87,15 @@ logger = logging.getLogger("ray.serve")
 _MULTIPART_OVERHEAD_BYTES = 64 << 10
 # An in-flight slot outlives its request's deadline by this much at most.
 _SLOT_GRACE_S = 5.0
+# First pause before retrying work whose replica died; doubles per retry. The router
+# itself waits for a healthy replica, so this only keeps a flapping replica from a hot loop.
+_RETRY_BACKOFF_S = 0.05
+# What Ray raises to a caller whose replica (or its process or node) went away mid-call.
+_REPLICA_GONE = (RayActorError, WorkerCrashedError, NodeDiedError, ReplicaUnavailableError)
+# How often Serve's controller probes each replica. A dead replica is replaced only once a
+# probe fails; Serve's default (10 s) added 5 s on average to every replacement, while a
+# probe of these replicas costs a no-op call on their event loop (the model runs in threads).
+_HEALTH_CHECK_PERIOD_S = 2.0
 
 
 @dataclass
@@ -124,6 +136,7 @@ _INGRESS_KNOBS = frozenset(
     {
         "max_inflight_requests",
         "retry_after_s",
+        "max_replica_retries",
         "default_max_new_tokens",
         "max_new_tokens",
         "default_max_grounding_tokens",
@@ -173,6 +186,16 @@ class _BatchedModel:
     def _init_batching(self) -> None:
         self._apply_batching()
         self.batches = _BatchCounters()
+        self.in_flight = 0
+
+    @contextlib.contextmanager
+    def _working(self) -> Iterator[None]:
+        """Count one request as held by this replica while the block runs (``counters()["in_flight"]``)."""
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
     def _apply_batching(self) -> None:
         self._batched.set_max_batch_size(self.args.max_batch_size)
@@ -183,9 +206,7 @@ class _BatchedModel:
         self.args = _retuned(self.args, user_config, _BATCH_KNOBS, type(self).__name__)
         self._apply_batching()
 
-    async def _run_live(
-        self, deadlines_unix_s: list[float], run: Callable[[list[int]], list[Any]]
-    ) -> list[Any]:
+    async def _run_live(self, deadlines_unix_s: list[float], run: Callable[[list[int]], list[Any]]) -> list[Any]:
         """``run(live)`` in a worker thread on the members whose deadline has not passed.
 
         The others get :class:`DeadlineExceeded` in their slots; ``run`` returns one
@@ -203,12 +224,16 @@ class _BatchedModel:
         return out
 
     def counters(self) -> dict[str, int]:
-        """Requests and batches seen."""
-        return self.batches.snapshot()
+        """Requests and batches seen, and the requests this replica holds now (``in_flight``)."""
+        return {**self.batches.snapshot(), "in_flight": self.in_flight}
 
 
 @serve.deployment(
-    name="FrameEncoder", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=4, max_queued_requests=32
+    name="FrameEncoder",
+    ray_actor_options={"num_cpus": 0.25},
+    health_check_period_s=_HEALTH_CHECK_PERIOD_S,
+    max_ongoing_requests=4,
+    max_queued_requests=32,
 )
 class FrameEncoder:
     """Resolves a video, returns its cached patch features' key, or decodes + encodes and writes the cache."""
@@ -254,7 +279,11 @@ class FrameEncoder:
 
 
 @serve.deployment(
-    name="Grounder", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=16, max_queued_requests=64
+    name="Grounder",
+    ray_actor_options={"num_cpus": 0.25},
+    health_check_period_s=_HEALTH_CHECK_PERIOD_S,
+    max_ongoing_requests=16,
+    max_queued_requests=64,
 )
 class Grounder(_BatchedModel):
     """Compressor + LLM through the grounding part; reads features from the shared cache."""
@@ -284,9 +313,10 @@ class Grounder(_BatchedModel):
     async def ground(self, item: GroundItem) -> GroundingResult:
         """Ground one question (batched with concurrent ones)."""
         _check_deadline(item.deadline_unix_s)
-        feats = await asyncio.to_thread(self._read, item.ref)
-        request = GroundingRequest(item.question, feats, list(item.src_spans_s), item.settings)
-        outcome = await self._batched((request, item.deadline_unix_s))
+        with self._working():
+            feats = await asyncio.to_thread(self._read, item.ref)
+            request = GroundingRequest(item.question, feats, list(item.src_spans_s), item.settings)
+            outcome = await self._batched((request, item.deadline_unix_s))
         if isinstance(outcome, ServiceError):
             raise outcome
         return outcome
@@ -299,7 +329,11 @@ class Grounder(_BatchedModel):
 
 
 @serve.deployment(
-    name="Answerer", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=16, max_queued_requests=64
+    name="Answerer",
+    ray_actor_options={"num_cpus": 0.25},
+    health_check_period_s=_HEALTH_CHECK_PERIOD_S,
+    max_ongoing_requests=16,
+    max_queued_requests=64,
 )
 class Answerer(_BatchedModel):
     """Continues from a GroundingResult; never reads the patch cache or runs the compressor."""
@@ -314,7 +348,8 @@ class Answerer(_BatchedModel):
     async def answer(self, item: AnswerItem) -> GenerationResult:
         """Answer one grounding (batched with concurrent ones)."""
         _check_deadline(item.deadline_unix_s)
-        outcome = await self._batched(item)
+        with self._working():
+            outcome = await self._batched(item)
         if isinstance(outcome, ServiceError):
             raise outcome
         return outcome
@@ -323,7 +358,9 @@ class Answerer(_BatchedModel):
     async def _batched(self, items: list[AnswerItem]) -> list[GenerationResult | ServiceError]:
         return await self._run_live(
             [item.deadline_unix_s for item in items],
-            lambda live: self.service.answer_many([items[i].grounding for i in live], [items[i].settings for i in live]),
+            lambda live: self.service.answer_many(
+                [items[i].grounding for i in live], [items[i].settings for i in live]
+            ),
         )
 
     async def answer_stream(self, item: AnswerItem) -> AsyncIterator[StreamToken | GenerationResult]:
@@ -359,7 +396,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (403, "path outside the media roots, or URL scheme not allowed"),
         (413, "video too long, or upload/body too large"),
         (422, "invalid request, or a video that cannot be decoded (or lost too many frames: partial_decode)"),
-        (503, "overloaded (see Retry-After)"),
+        (503, "overloaded, or the replica working on it was lost and retries ran out (see Retry-After)"),
         (504, "deadline exceeded"),
     )
 }
@@ -425,7 +462,6 @@ def _validation_response(errors: list[dict[str, Any]], prefix: tuple[str, ...] =
     return JSONResponse(status_code=422, content={"detail": detail, "reason": "validation_error"})
 
 
-@api.exception_handler(RequestValidationError)
 def _record_request(ref: FeatureRef, timings_ms: dict[str, float]) -> None:
     """Dashboard metrics of one served request: cache result and per-stage latencies."""
     telemetry.cache_lookup(ref.cache_hit, 0, "serve")
@@ -434,6 +470,7 @@ def _record_request(ref: FeatureRef, timings_ms: dict[str, float]) -> None:
             telemetry.latency_ms(f"serve_{stage}", timings_ms[stage])
 
 
+@api.exception_handler(RequestValidationError)
 async def _on_request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
     errors = [{"loc": e.get("loc", ()), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
     return _validation_response(errors, ())
@@ -450,12 +487,30 @@ async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(status_code=500, content={"detail": "internal error", "reason": "internal"})
 
 
+def _replica_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) says the replica serving the call died or became unreachable."""
+    current: BaseException | None = exc
+    for _ in range(8):
+        if current is None:
+            return False
+        if isinstance(current, _REPLICA_GONE):
+            return True
+        current = getattr(current, "cause", None) or current.__cause__
+    return False
+
+
 def _as_service_error(exc: BaseException, retry_after_s: int) -> ServiceError | None:
+    """The typed error for a failed handle call, or ``None`` for a bug (answered 500 and logged)."""
     found = unwrap_service_error(exc)
     if found is not None:
         return found
     if isinstance(exc, BackPressureError) or isinstance(getattr(exc, "cause", None), BackPressureError):
         return Overloaded("a deployment's queue is full; retry later", retry_after_s=retry_after_s)
+    if _replica_gone(exc):
+        return ReplicaLost(
+            f"the replica working on the request was lost ({type(exc).__name__}); retry later",
+            retry_after_s=retry_after_s,
+        )
     return None
 
 
@@ -478,6 +533,14 @@ def _event(name: str, data: dict[str, Any]) -> str:
     return f"event: {name}\ndata: {json.dumps(data)}\n\n"
 
 
+def _error_event(exc: ServiceError) -> str:
+    """The in-band ``error`` event: the body, the status, and for a 503 the ``Retry-After`` seconds."""
+    data: dict[str, Any] = {**exc.to_dict(), "status": exc.status_code}
+    if exc.status_code == 503:
+        data["retry_after_s"] = exc.retry_after_s or 1
+    return _event("error", data)
+
+
 async def _awaitable(response: Any) -> Any:
     return await response
 
@@ -491,7 +554,13 @@ class _Parsed:
     filename: str
 
 
-@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64, max_queued_requests=64)
+@serve.deployment(
+    name="Ingress",
+    ray_actor_options={"num_cpus": 0.25},
+    health_check_period_s=_HEALTH_CHECK_PERIOD_S,
+    max_ongoing_requests=64,
+    max_queued_requests=64,
+)
 @serve.ingress(api)
 class Ingress:
     """FastAPI front end: validates, enforces limits and deadlines, composes the other deployments."""
@@ -511,6 +580,9 @@ class Ingress:
         self.inflight: dict[int, float] = {}
         self._next_slot = 0
         self._encoder_info: dict[str, str] | None = None
+        # Call kinds ("ground", ...) whose replica was lost and that have not succeeded since:
+        # their deployment may have no replica until Serve's replacement is up.
+        self._replacing: set[str] = set()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply hot-tunable limits from ``user_config`` (in-flight bound, token bounds, deadlines, body sizes)."""
@@ -560,6 +632,48 @@ class Ingress:
             if err is None:
                 raise
             raise err from None
+
+    async def _call(self, start: Callable[[], Any], deadline_unix_s: float, what: str) -> Any:
+        """Run an idempotent handle call, again on a healthy replica if its replica dies.
+
+        ``start`` issues the call (``handle.method.remote(...)``); it is called once more
+        per retry, at most ``max_replica_retries`` times, and only while the deadline
+        allows. The work is idempotent (the cache is content-addressed; grounding and
+        answering keep no state), so a repeat is safe. When no retry is left, or the
+        deadline passes while a replacement starts, the client gets 503 + ``Retry-After``
+        (:class:`ReplicaLost`), not a 500 and not a 504: the request was lost, not slow.
+        The same holds for a request that never met the dead replica but queued behind
+        its loss: while a call of this kind has seen a lost replica and none has succeeded
+        since, its deadline expiring is a 503 too. A loss no call saw (a replica killed
+        while idle) is not known here, so requests queued behind it can still get 504.
+        """
+        retries = 0
+        while True:
+            try:
+                result = await self._await(start(), deadline_unix_s)
+                self._replacing.discard(what)
+                return result
+            except ReplicaLost as lost:
+                self._replacing.add(what)
+                if retries >= self.args.max_replica_retries:
+                    raise ReplicaLost(
+                        f"{what}: the replica was lost {retries + 1} times; retry later",
+                        retry_after_s=self.args.retry_after_s,
+                    ) from None
+                pause_s = _RETRY_BACKOFF_S * 2**retries
+                if time.time() + pause_s >= deadline_unix_s:
+                    raise lost from None
+                retries += 1
+                logger.warning("%s: retrying on another replica (%d/%d)", what, retries, self.args.max_replica_retries)
+                await asyncio.sleep(pause_s)
+            except DeadlineExceeded:
+                if retries == 0 and what not in self._replacing:
+                    raise
+                raise ReplicaLost(
+                    f"{what}: the replica was lost and no replacement finished the work within the deadline; "
+                    "retry later",
+                    retry_after_s=self.args.retry_after_s,
+                ) from None
 
     async def _read_body(self, request: Request, limit: int) -> bytes:
         declared = request.headers.get("content-length")
@@ -619,10 +733,16 @@ class Ingress:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         if parsed.upload is not None:
-            call = self.frame_encoder.features_upload.remote(parsed.upload, parsed.filename, deadline_unix_s)
+            upload, filename = parsed.upload, parsed.filename
+
+            def call() -> Any:
+                return self.frame_encoder.features_upload.remote(upload, filename, deadline_unix_s)
         else:
-            call = self.frame_encoder.features.remote(req.video, deadline_unix_s)
-        ref: FeatureRef = await self._await(call, deadline_unix_s)
+
+            def call() -> Any:
+                return self.frame_encoder.features.remote(req.video, deadline_unix_s)
+
+        ref: FeatureRef = await self._call(call, deadline_unix_s, "features")
         timings["features"] = round((time.perf_counter() - start) * 1000.0, 3)
         for name, value in ref.timings_ms.items():
             timings[f"features.{name}"] = value
@@ -630,7 +750,9 @@ class Ingress:
         spans = [tuple(s) for s in req.src_spans_s or []]
         item = GroundItem(ref, question, spans, req.options.settings(bound), deadline_unix_s)
         start = time.perf_counter()
-        grounding: GroundingResult = await self._await(self.grounder.ground.remote(item), deadline_unix_s)
+        grounding: GroundingResult = await self._call(
+            lambda: self.grounder.ground.remote(item), deadline_unix_s, "ground"
+        )
         timings["ground"] = round((time.perf_counter() - start) * 1000.0, 3)
         return grounding, ref, timings
 
@@ -669,7 +791,8 @@ class Ingress:
     async def models(self) -> ModelsResponse:
         """The served model and its limits."""
         if self._encoder_info is None:
-            self._encoder_info = await self.frame_encoder.info.remote()
+            deadline = time.time() + self.args.default_deadline_s
+            self._encoder_info = await self._call(lambda: self.frame_encoder.info.remote(), deadline, "info")
         a = self.args
         info = ModelInfo(
             id=a.model_id,
@@ -732,7 +855,7 @@ class Ingress:
                     headers={"Cache-Control": "no-cache"},
                 )
             start = time.perf_counter()
-            result: GenerationResult = await self._await(self.answerer.answer.remote(item), deadline)
+            result: GenerationResult = await self._call(lambda: self.answerer.answer.remote(item), deadline, "answer")
             timings["answer"] = round((time.perf_counter() - start) * 1000.0, 3)
             timings["total"] = round((time.perf_counter() - total) * 1000.0, 3)
             _record_request(ref, timings)
@@ -768,11 +891,31 @@ class Ingress:
             yield _event("grounding", ground_body)
             start = time.perf_counter()
             stream = self.answerer.options(stream=True).answer_stream.remote(item)
+            restarts = 0
+            started = False
             while True:
                 try:
                     step = await self._await(stream.__anext__(), item.deadline_unix_s)
                 except StopAsyncIteration:
                     break
+                except DeadlineExceeded:
+                    if not restarts:
+                        raise
+                    raise ReplicaLost(
+                        "answer: the replica was lost and no replacement streamed within the deadline; retry later",
+                        retry_after_s=self.args.retry_after_s,
+                    ) from None
+                except ReplicaLost:
+                    # Before its first token a stream is as idempotent as a plain answer: start it
+                    # again on a healthy replica. After it, the client holds tokens a new stream
+                    # might not repeat, so the loss is reported in-band (503, with retry_after_s).
+                    if started or restarts >= self.args.max_replica_retries:
+                        raise
+                    restarts += 1
+                    logger.warning("answer_stream: restarting on another replica (%d)", restarts)
+                    stream = self.answerer.options(stream=True).answer_stream.remote(item)
+                    continue
+                started = True
                 if isinstance(step, StreamToken):
                     yield _event(
                         "token",
@@ -801,16 +944,15 @@ class Ingress:
             if time.time() >= item.deadline_unix_s:
                 raise DeadlineExceeded("the request did not finish within its deadline")
         except ServiceError as exc:
-            yield _event("error", {**exc.to_dict(), "status": exc.status_code})
+            yield _error_event(exc)
         except Exception as exc:  # the status line is already sent: report in-band, never a traceback
             err = _as_service_error(exc, self.args.retry_after_s)
             if err is None:
                 logger.exception("unhandled error while streaming an answer", exc_info=exc)
                 yield _event("error", {"detail": "internal error", "reason": "internal", "status": 500})
             else:
-                yield _event("error", {**err.to_dict(), "status": err.status_code})
+                yield _error_event(err)
         finally:
             if stream is not None and not finished:
                 stream.cancel()
             self._release(slot)
-

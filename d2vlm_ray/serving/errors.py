@@ -97,6 +97,17 @@ class FeaturesUnavailable(ServiceError):
     default_reason = "features_unavailable"
 
 
+class ReplicaLost(ServiceError):
+    """The replica working on the request died, and no healthy one took it over in time (503).
+
+    The Ingress retries idempotent work (features, grounding, answering) on another
+    replica first; this reaches the client only when the retries or the deadline ran out.
+    """
+
+    status_code = 503
+    default_reason = "replica_unavailable"
+
+
 class DeadlineExceeded(ServiceError):
     """The request's deadline passed before it finished (504)."""
 
