@@ -27,4 +27,4 @@ demo: env
 	$(PY) -m jobs.demo
 
 test: env
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --runslow

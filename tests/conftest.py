@@ -61,6 +61,20 @@ def ray_cluster() -> Iterator[None]:
     ray.shutdown()
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", help="also run the tests marked slow (make test does)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests marked ``slow`` unless ``--runslow`` is given: a plain ``pytest`` stays quick."""
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow (make test passes it)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def ray_metrics_port(ray_cluster: None) -> int:
     """Port of the session cluster's Prometheus endpoint (``/metrics`` on 127.0.0.1)."""

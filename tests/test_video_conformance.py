@@ -184,8 +184,7 @@ def test_corpus_file_conforms_at_5_fps(real_media_dir: Path, name: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("fps", [3.0, 5.0])
 def test_whole_corpus_conforms_at_higher_rates(real_media_dir: Path, fps: float) -> None:
-    if not os.environ.get("D2VLM_SLOW_TESTS"):
-        pytest.skip("about 40 s per rate on 2 cores; set D2VLM_SLOW_TESTS=1 to run")
+    """About 40 s per rate on 2 cores."""
     for name, expected in CORPUS.items():
         path = real_media_dir / name
         if path.is_file() and expected.outcome in ("computed", "partial"):
