@@ -290,7 +290,7 @@ def run(cfg: QuickstartConfig, preset: str) -> dict[str, Any]:
     """Run every stage; returns the summary that is also written to ``summary.json``."""
     import ray
 
-    from d2vlm_ray.cache import FeatureCache
+    from d2vlm_ray.cache import FeatureSource, FeatureSpec
     from d2vlm_ray.data.annotations import read_evi_json
     from d2vlm_ray.data.fpo_annotations import read_pairs
     from d2vlm_ray.data.synthetic import generate_benchmark, grounding_baselines
@@ -298,7 +298,7 @@ def run(cfg: QuickstartConfig, preset: str) -> dict[str, Any]:
     from d2vlm_ray.pipelines.build_cache import BuildCacheConfig, build_cache
     from d2vlm_ray.pipelines.runtime import ensure_ray
     from d2vlm_ray.pipelines.synth_pairs import synthesize_pairs
-    from d2vlm_ray.train.data import FeatureSource
+    from d2vlm_ray.train.data import TrainingFeatures
     from d2vlm_ray.train.evaluation import preference_accuracy
     from d2vlm_ray.train.trainer import train_fpo, train_sft
 
@@ -384,11 +384,11 @@ def run(cfg: QuickstartConfig, preset: str) -> dict[str, Any]:
         final_ckpt = out / "checkpoint"
         shutil.copytree(fpo["model_dir"], final_ckpt, dirs_exist_ok=True)
         held_out = read_pairs(pairs_summary["test"]["path"])
-        source = FeatureSource(
-            load_frame_encoder(init_ckpt),
-            FeatureCache(str(out / "feature_cache")),
-            fps=cfg.fps,
-            max_frames=cfg.max_frames,
+        source = TrainingFeatures(
+            FeatureSource(
+                load_frame_encoder(init_ckpt),
+                FeatureSpec(fps=cfg.fps, max_frames=cfg.max_frames, cache_root=str(out / "feature_cache")),
+            )
         )
 
         def features(video: str) -> Any:

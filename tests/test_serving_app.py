@@ -23,7 +23,8 @@ import torch
 import yaml
 from test_serving_core import make_chain_checkpoint
 
-from d2vlm_ray.cache import FeatureCache, feature_key, video_sha256
+from d2vlm_ray.cache import FeatureCache, FeatureSpec, storage_key, video_sha256
+from d2vlm_ray.cache.source import find_entry
 from d2vlm_ray.config import DecodeSettings, ModelConfig, from_dict
 from d2vlm_ray.data.testclips import write_barcode_clip
 from d2vlm_ray.model.checkpoint import from_pretrained, init_checkpoint, load_frame_encoder
@@ -86,9 +87,12 @@ def _reference(app: dict[str, Any], video: str, question: str, max_new_tokens: i
     """``generate`` in float64 on the features the app cached (as the Grounder reads them)."""
     ckpt = app["ckpt"]
     args = app["args"]
-    key = feature_key(load_frame_encoder(ckpt), video_sha256(video), args["fps"], args["max_frames"])
-    feats = FeatureCache(args["cache_root"]).get(key)
-    assert feats is not None, "the FrameEncoder should have written the features"
+    encoder = load_frame_encoder(ckpt)
+    spec = FeatureSpec(fps=args["fps"], max_frames=args["max_frames"])
+    found = find_entry(FeatureCache(args["cache_root"]), video_sha256(video), spec, encoder.transform_id,
+                       encoder.encoder_id)
+    assert found is not None, "the FrameEncoder should have written the features"
+    feats = found[1]
     model, tokenizers, _ = from_pretrained(ckpt, dtype=torch.float64)
     batch = build_batch(
         tokenizers.llm, tokenizers.qformer, [question], [feats.patches], [feats.timestamps_s], [feats.duration_s]
@@ -297,8 +301,10 @@ def test_http_reports_partial_decodes(app: dict[str, Any]) -> None:
         """Put the features of a decode that lost ``drop_idx`` where the FrameEncoder looks them up."""
         source = str(videos / name)
         decoded = lossy_decoder(drop_idx)(source, args["fps"], max_frames=args["max_frames"])
-        key = feature_key(encoder, video_sha256(source), args["fps"], args["max_frames"])
-        cache.put(key, encode_video(encoder, decoded, source))
+        feats = encode_video(encoder, decoded, source)
+        spec = FeatureSpec(fps=args["fps"], max_frames=args["max_frames"])
+        cache.put(storage_key(video_sha256(source), feats.n_sampled, spec, encoder.transform_id, encoder.encoder_id),
+                  feats)
         return decoded
 
     partial = cache_lossy("partial.mp4", [4])  # 1 of 10: within max_missing_frames_fraction 0.1

@@ -59,13 +59,18 @@ from d2vlm_ray.cache import (
     FeatureCache,
     SharedRootError,
     entry_nbytes,
+    FeatureSpec,
+    VideoManifest,
+    lookup_keys,
+    manifest_root,
+    storage_key,
     validate_shared_root,
-    video_sha256,
 )
+from d2vlm_ray.cache.source import find_entry, find_sealed
 from d2vlm_ray.cache.features import encode_decoded, scrub_source
 from d2vlm_ray.config import ModelConfig, dump_config, from_dict
 from d2vlm_ray.data.video import VideoDecodeError
-from d2vlm_ray.types import FeatureKey, FrameEncoder
+from d2vlm_ray.types import FrameEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -293,27 +298,31 @@ def lookup_video(
     """
     start = time.perf_counter()
     no_warnings = _warning_fields([], [])
+    spec = FeatureSpec(fps=fps, max_frames=int(max_frames), max_missing_frames_fraction=max_missing_frames_fraction)
     try:
-        sha = video_sha256(source)
+        # Ingestion: the hash lands in the manifest that training, evaluation and Serve read.
+        sha = VideoManifest(manifest_root(cache.root)).sha256(source)
     except FileNotFoundError as exc:
         failed = _failure(source, "lookup", "not_found", str(exc))
         return {**failed, "sha256": "", "digest": "", "hash_s": 0.0, **no_warnings}
     except OSError as exc:
         failed = _failure(source, "lookup", "unreadable", str(exc))
         return {**failed, "sha256": "", "digest": "", "hash_s": 0.0, **no_warnings}
-    key = FeatureKey(sha, float(fps), transform_id, encoder_id, int(max_frames))
     warnings = no_warnings
     n_encoded = 0
+    key = lookup_keys(sha, spec, transform_id, encoder_id)[-1]
     if verify:
-        found = cache.get(key)
+        found = find_entry(cache, sha, spec, transform_id, encoder_id)
         cached = found is not None
         if found is not None:
-            warnings = _warning_fields(found.warnings, found.missing_timestamps_s)
-            n_encoded = found.num_frames
+            key = found[0]
+            warnings = _warning_fields(found[1].warnings, found[1].missing_timestamps_s)
+            n_encoded = found[1].num_frames
     else:
-        cached = cache.contains(key)
-        if cached:
-            sidecar = cache.store.read_sidecar(key.digest()) or {}
+        sealed = find_sealed(cache, sha, spec, transform_id, encoder_id)
+        cached = sealed is not None
+        if sealed is not None:
+            key, sidecar = sealed
             warnings = _warning_fields(sidecar.get("warnings") or [], sidecar.get("missing_timestamps_s") or [])
             n_encoded = int((sidecar.get("shape") or [0])[0])
     n_missing = len(json.loads(warnings["missing_timestamps_json"]))
@@ -405,8 +414,10 @@ def encode_row(
     if row.get("status") == "failed":
         return out
     start = time.perf_counter()
-    key = FeatureKey(row["sha256"], float(fps), encoder.transform_id, encoder.encoder_id, int(max_frames))
     warnings, missing_timestamps_s = row_warnings(row), row_missing_timestamps_s(row)
+    spec = FeatureSpec(fps=fps, max_frames=int(max_frames))
+    n_sampled = len(row["frames"]) + len(missing_timestamps_s)
+    key = storage_key(row["sha256"], n_sampled, spec, encoder.transform_id, encoder.encoder_id)
     try:
         feats = encode_decoded(
             encoder, row["frames"], row["timestamps_s"], row["duration_s"], row["source_fps"],

@@ -670,11 +670,17 @@ class PredictBatch:
         )
         self.encoder = VisionFrameEncoder(self.model.vision, self.model_cfg.vision.image_size)
         self.ids = TokenIds.from_tokenizer(self.tokenizers.llm)
-        self.cache = None
-        if self.cfg.cache.root and not self.cfg.blank_frames:
-            from d2vlm_ray.cache import FeatureCache
+        from d2vlm_ray.cache import FeatureSource, FeatureSpec
 
-            self.cache = FeatureCache(self.cfg.cache.root, memory_bytes=self.cfg.cache.memory_mb << 20)
+        spec = FeatureSpec(
+            fps=self.cfg.fps,
+            max_frames=self.cfg.max_frames,
+            max_missing_frames_fraction=self.cfg.max_missing_frames_fraction,
+            # The blank-frame baseline encodes no video, so it neither reads nor fills the cache.
+            cache_root="" if self.cfg.blank_frames else self.cfg.cache.root,
+            cache_memory_bytes=self.cfg.cache.memory_mb << 20,
+        )
+        self.source = FeatureSource(self.encoder, spec)
         positions = self.model_cfg.llm.max_position_embeddings
         max_new = self.cfg.decoding.resolved_max_new_tokens
         self.max_input_tokens = self.cfg.max_input_tokens or max(positions - max_new, positions // 2)
@@ -693,7 +699,6 @@ class PredictBatch:
         return VideoFeatures(patches.to(torch.float32), times_s, float(record["duration_s"]), False)
 
     def _video_features(self, record: Mapping[str, Any]) -> VideoFeatures:
-        from d2vlm_ray.cache import features_for_video
         from d2vlm_ray.data.video import VideoDecodeError
 
         if self.cfg.max_duration_s and float(record["duration_s"]) > self.cfg.max_duration_s:
@@ -701,14 +706,8 @@ class PredictBatch:
                 "video:too_long", f"duration {record['duration_s']} s exceeds max_duration_s={self.cfg.max_duration_s}"
             )
         try:
-            feats, hit = features_for_video(
-                self.cache,
-                self.encoder,
-                record["video"],
-                fps=self.cfg.fps,
-                max_frames=self.cfg.max_frames or None,
-                max_missing_frames_fraction=self.cfg.max_missing_frames_fraction,
-            )
+            result = self.source.features(record["video"])
+            feats, hit = result.features, result.cache_hit
         except VideoDecodeError as exc:
             raise SampleFailure(f"video:{exc.reason}", str(exc)) from None
         except FileNotFoundError as exc:
