@@ -198,7 +198,7 @@ def test_predictions_carry_the_decode_warnings(
 
     monkeypatch.setattr(video_mod, "decode_video", lossy_decoder([3]))
     cfg = as_config({"checkpoint_dir": str(tiny_ckpt), "annotations": "unused.json", "output_dir": str(tmp_path),
-                     "cache": {"root": str(tmp_path / "cache")}, "decoding": {"max_new_tokens": 4}})
+                     "features": {"cache_root": str(tmp_path / "cache")}, "decoding": {"max_new_tokens": 4}})
     udf = PredictBatch(to_dict(cfg))
 
     def sample(sid: str, video: Path) -> tuple[str, dict, dict]:

@@ -187,16 +187,16 @@ def test_serve_configs_are_valid(name: str) -> None:
 
 
 def test_serve_args_resolve_paths_and_explain_missing_checkpoint(tmp_path: Path, assets: dict[str, Path]) -> None:
-    args = ServeArgs.load({"checkpoint_dir": str(assets["random"]), "cache_root": "cache", "media_roots": ["v"]},
+    args = ServeArgs.load({"checkpoint_dir": str(assets["random"]), "features": {"cache_root": "cache"}, "media_roots": ["v"]},
                           base_dir=str(tmp_path))
     assert args.cache_root == str(tmp_path / "cache") and args.media_roots == [str(tmp_path / "v")]
     with pytest.raises(FileNotFoundError, match="init_checkpoint") as info:
-        ServeArgs.load({"checkpoint_dir": "missing/ckpt", "cache_root": "c", "preset": "tiny"}, base_dir=str(tmp_path))
+        ServeArgs.load({"checkpoint_dir": "missing/ckpt", "features": {"cache_root": "c"}, "preset": "tiny"}, base_dir=str(tmp_path))
     assert "does not exist" in str(info.value)
     with pytest.raises(FileNotFoundError, match="trained d2vlm_ray checkpoint"):
-        ServeArgs.load({"checkpoint_dir": "missing", "cache_root": "c", "preset": "phi3-mini"}, base_dir=str(tmp_path))
+        ServeArgs.load({"checkpoint_dir": "missing", "features": {"cache_root": "c"}, "preset": "phi3-mini"}, base_dir=str(tmp_path))
     with pytest.raises(Exception, match="extra"):
-        ServeArgs.model_validate({"checkpoint_dir": "x", "cache_root": "c", "replicas": 3})
+        ServeArgs.model_validate({"checkpoint_dir": "x", "features": {"cache_root": "c"}, "replicas": 3})
 
 
 # --- features ----------------------------------------------------------------------------

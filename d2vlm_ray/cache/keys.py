@@ -139,11 +139,11 @@ def validate_shared_root(root: str, num_nodes: int, *, shared_filesystem: bool =
         return
     if protocol in _PROCESS_LOCAL_PROTOCOLS:
         raise SharedRootError(
-            f"cache.root={root!r}: memory:// is private to one process and cannot be the shared cache "
+            f"features.cache_root={root!r}: memory:// is private to one process and cannot be the shared cache "
             f"of a {num_nodes}-node cluster; use an object store URL (s3://, gs://, abfs://) or a shared mount"
         )
     if protocol in _NODE_LOCAL_PROTOCOLS and not shared_filesystem:
         raise SharedRootError(
-            f"cache.root={root!r} is a node-local path on a {num_nodes}-node cluster; use an object store URL, "
-            "or set cache.shared_filesystem=true if it is a network mount present on every node"
+            f"features.cache_root={root!r} is a node-local path on a {num_nodes}-node cluster; use an object store URL, "
+            "or set features.shared_filesystem=true if it is a network mount present on every node"
         )

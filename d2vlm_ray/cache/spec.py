@@ -15,6 +15,9 @@ from d2vlm_ray.cache.store import STORAGE_DTYPES
 DEFAULT_MAX_MISSING_FRAMES_FRACTION = 0.1
 """Default share of sampled frames a decode may lose before it is a ``partial_decode`` error."""
 
+SERVE_DEFAULT_MAX_FRAMES = 128
+"""``features.max_frames`` of a Serve config that names none: a server bounds every request's frames."""
+
 
 @dataclass
 class FeatureSpec:

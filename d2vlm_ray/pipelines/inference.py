@@ -80,13 +80,14 @@ import shutil
 import time
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import astuple, dataclass, field
+from dataclasses import astuple, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
 from d2vlm_ray import telemetry
+from d2vlm_ray.cache.spec import FeatureSpec
 from d2vlm_ray.config import ConfigError, DecodeSettings, dump_config, from_dict, to_dict
 
 logger = logging.getLogger(__name__)
@@ -150,24 +151,6 @@ class DecodingConfig:
 
 
 @dataclass
-class CacheConfig:
-    """The shared feature cache.
-
-    Attributes:
-        root: Folder (or fsspec URL) of the cache; empty = no cache (decode every time).
-        memory_mb: In-process LRU tier per actor, MiB.
-    """
-
-    root: str = ""
-    memory_mb: int = 256
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the field."""
-        if self.memory_mb < 0:
-            raise ValueError("cache.memory_mb must be >= 0")
-
-
-@dataclass
 class ComputeConfig:
     """The actor pool.
 
@@ -227,12 +210,7 @@ class EvaluateConfig:
         video_root: Folder relative video paths are joined to (see the module docstring for "").
         output_dir: Run folder: shards, predictions, metrics, summary, plots, resolved config.
         limit: Predict only the first N records in file order (0 = all).
-        fps: Frame sampling rate.
-        max_frames: Frame cap per video (0 = none).
         max_duration_s: Fail videos whose annotated duration exceeds this (0 = no limit).
-        max_missing_frames_fraction: Fail samples whose video decode lost a larger share
-            of its sampled frames (``video:partial_decode``); smaller losses are predicted
-            and the record carries the decode's ``warnings``.
         max_input_tokens: Prompt + frame tokens allowed (0 = the model's positions minus
             ``max_new_tokens``, at least half the positions).
         blank_frames: Feed an all-black clip of the video's length instead of the video.
@@ -245,7 +223,11 @@ class EvaluateConfig:
         with_coco: Also compute the optional captioning metrics (needs pycocoevalcap and java).
         num_cpus: CPUs of the local Ray instance the job starts when none is running (0 = all).
         decoding: Decoding settings.
-        cache: Feature cache.
+        features: Sampling, partial-decode policy and feature cache (the spec every job and
+            Serve share; ``cache_root`` "" = decode every time). A sample whose video lost
+            more than ``max_missing_frames_fraction`` of its sampled frames fails with
+            ``video:partial_decode``; smaller losses are predicted and the record carries
+            the decode's ``warnings``.
         compute: Actor pool.
         report: Report settings.
     """
@@ -256,10 +238,7 @@ class EvaluateConfig:
     video_root: str = ""
     output_dir: str = ""
     limit: int = 0
-    fps: float = 1.0
-    max_frames: int = 0
     max_duration_s: float = 0.0
-    max_missing_frames_fraction: float = 0.1
     max_input_tokens: int = 0
     blank_frames: bool = False
     retry_failed: bool = False
@@ -269,7 +248,7 @@ class EvaluateConfig:
     with_coco: bool = False
     num_cpus: int = 0
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)
+    features: FeatureSpec = field(default_factory=FeatureSpec)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
@@ -278,20 +257,19 @@ class EvaluateConfig:
         for name in ("checkpoint_dir", "annotations", "output_dir"):
             if not getattr(self, name):
                 raise ValueError(f"{name} must be set")
-        if not (self.fps > 0 and math.isfinite(self.fps)):
-            raise ValueError("fps must be a positive number")
-        for name in ("limit", "max_frames", "max_input_tokens", "num_cpus"):
+        if not math.isfinite(self.features.fps):
+            raise ValueError("features.fps must be a finite number")
+        self.features.validate()
+        for name in ("limit", "max_input_tokens", "num_cpus"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.max_duration_s < 0:
             raise ValueError("max_duration_s must be >= 0")
-        if not 0.0 <= self.max_missing_frames_fraction <= 1.0:
-            raise ValueError("max_missing_frames_fraction must be in [0, 1]")
         from d2vlm_ray.eval.etbench import VARIANTS
 
         if self.etbench_variant not in VARIANTS:
             raise ValueError(f"etbench_variant must be one of {sorted(VARIANTS)}, got {self.etbench_variant!r}")
-        for section in (self.decoding, self.cache, self.compute, self.report):
+        for section in (self.decoding, self.compute, self.report):
             section.validate()
 
 
@@ -512,10 +490,10 @@ def inference_fingerprint(cfg: EvaluateConfig) -> dict[str, Any]:
         "annotations": str(Path(cfg.annotations).resolve()),
         "format": cfg.format,
         "video_root": cfg.video_root,
-        "fps": cfg.fps,
-        "max_frames": cfg.max_frames,
+        "fps": cfg.features.fps,
+        "max_frames": cfg.features.max_frames,
         "max_duration_s": cfg.max_duration_s,
-        "max_missing_frames_fraction": cfg.max_missing_frames_fraction,
+        "max_missing_frames_fraction": cfg.features.max_missing_frames_fraction,
         "max_input_tokens": cfg.max_input_tokens,
         "blank_frames": cfg.blank_frames,
         "dtype": cfg.compute.dtype,
@@ -670,16 +648,10 @@ class PredictBatch:
         )
         self.encoder = VisionFrameEncoder(self.model.vision, self.model_cfg.vision.image_size)
         self.ids = TokenIds.from_tokenizer(self.tokenizers.llm)
-        from d2vlm_ray.cache import FeatureSource, FeatureSpec
+        from d2vlm_ray.cache import FeatureSource
 
-        spec = FeatureSpec(
-            fps=self.cfg.fps,
-            max_frames=self.cfg.max_frames,
-            max_missing_frames_fraction=self.cfg.max_missing_frames_fraction,
-            # The blank-frame baseline encodes no video, so it neither reads nor fills the cache.
-            cache_root="" if self.cfg.blank_frames else self.cfg.cache.root,
-            cache_memory_bytes=self.cfg.cache.memory_mb << 20,
-        )
+        # The blank-frame baseline encodes no video, so it neither reads nor fills the cache.
+        spec = replace(self.cfg.features, cache_root="") if self.cfg.blank_frames else self.cfg.features
         self.source = FeatureSource(self.encoder, spec)
         positions = self.model_cfg.llm.max_position_embeddings
         max_new = self.cfg.decoding.resolved_max_new_tokens
@@ -691,7 +663,7 @@ class PredictBatch:
     def _blank_features(self, record: Mapping[str, Any]) -> VideoFeatures:
         import torch
 
-        times_s = blank_timestamps_s(float(record["duration_s"]), self.cfg.fps, self.cfg.max_frames)
+        times_s = blank_timestamps_s(float(record["duration_s"]), self.cfg.features.fps, self.cfg.features.max_frames)
         if self._blank_frame is None:
             side = self.encoder.image_size
             self._blank_frame = self.encoder.encode(np.zeros((1, side, side, 3), dtype=np.uint8))  # [1, P, C]
@@ -1062,7 +1034,6 @@ def evaluate(cfg: EvaluateConfig | Mapping[str, Any]) -> dict[str, Any]:
 
 
 __all__ = [
-    "CacheConfig",
     "ComputeConfig",
     "DecodingConfig",
     "EvaluateConfig",

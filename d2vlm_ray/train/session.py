@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from d2vlm_ray.cache import FeatureSource, FeatureSpec
+from d2vlm_ray.cache import FeatureSource
 from d2vlm_ray.config.schema import ModelConfig
 from d2vlm_ray.model.builders import Tokenizers
 from d2vlm_ray.model.d2vlm import D2VLM
@@ -63,10 +63,10 @@ def resolve_paths(cfg: TrainJobConfig) -> TrainJobConfig:
         val=absolute(cfg.data.val),
         val_pairs=absolute(cfg.data.val_pairs),
         video_root=absolute(cfg.data.video_root),
-        cache_dir=absolute(cfg.data.cache_dir),
     )
+    features = replace(cfg.features, cache_root=absolute(cfg.features.cache_root))
     init_from = cfg.init_from if cfg.init_from == "tiny" else absolute(cfg.init_from)
-    return replace(cfg, data=data, init_from=init_from, output_dir=absolute(cfg.output_dir))
+    return replace(cfg, data=data, features=features, init_from=init_from, output_dir=absolute(cfg.output_dir))
 
 
 def run_dir_of(cfg: TrainJobConfig) -> Path:
@@ -257,13 +257,7 @@ def build_session(
     init_dir = Path(init_dir)
     model, tokenizers, model_cfg = load_model(init_dir, cfg.model.lora)
     encoder = LazyFrameEncoder.from_model(model, frame_encoder_dir(init_dir), model_cfg.vision.image_size)
-    spec = FeatureSpec(
-        fps=cfg.data.fps,
-        max_frames=cfg.data.max_frames,
-        cache_root=cfg.data.cache_dir,
-        cache_memory_bytes=cfg.data.cache_memory_bytes,
-    )
-    features = TrainingFeatures(FeatureSource(encoder, spec), decode_on_miss=cfg.data.decode_on_miss)
+    features = TrainingFeatures(FeatureSource(encoder, cfg.features), decode_on_miss=cfg.data.decode_on_miss)
     items = training_items(cfg, stage, rows)
     val_records: list[Any] = []
     val_pairs: list[Any] = []
