@@ -144,6 +144,6 @@ def validate_shared_root(root: str, num_nodes: int, *, shared_filesystem: bool =
         )
     if protocol in _NODE_LOCAL_PROTOCOLS and not shared_filesystem:
         raise SharedRootError(
-            f"features.cache_root={root!r} is a node-local path on a {num_nodes}-node cluster; use an object store URL, "
-            "or set features.shared_filesystem=true if it is a network mount present on every node"
+            f"features.cache_root={root!r} is a node-local path on a {num_nodes}-node cluster; use an object "
+            "store URL, or set features.shared_filesystem=true if it is a network mount present on every node"
         )
