@@ -221,3 +221,20 @@ def test_serve_hits_the_cache_the_quickstart_build_wrote(ray_cluster: None, tmp_
         assert counters["cache_hits"] == 1 and counters["cache"]["hits"] >= 1
     finally:
         stop_app(name)
+
+
+def test_configs_of_the_old_layout_say_where_each_key_went() -> None:
+    from d2vlm_ray.config import ConfigError
+    from d2vlm_ray.pipelines.build_cache import BuildCacheConfig
+    from d2vlm_ray.serving.args import ServeArgs
+    from d2vlm_ray.train.config import SFTJobConfig
+
+    with pytest.raises(ConfigError, match=r"fps -> features\.fps.*cache\.root -> features\.cache_root"):
+        from_dict(BuildCacheConfig, {"manifest": "m.txt", "fps": 2.0, "cache": {"root": "c"}})
+    with pytest.raises(ConfigError, match=r"data\.cache_dir -> features\.cache_root"):
+        from_dict(SFTJobConfig, {"data": {"train": "t.json", "cache_dir": "c"}})
+    with pytest.raises(ValueError, match=r"cache_root -> features\.cache_root"):
+        ServeArgs.model_validate({"checkpoint_dir": "x", "cache_root": "c", "max_frames": 128})
+    with pytest.raises(ValueError, match="max_frames must be >= 1"):
+        ServeArgs.model_validate({"checkpoint_dir": "x", "features": {"cache_root": "c", "max_frames": 0}})
+    assert ServeArgs.model_validate({"checkpoint_dir": "x", "features": {"cache_root": "c"}}).max_frames == 128

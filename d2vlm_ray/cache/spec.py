@@ -18,6 +18,29 @@ DEFAULT_MAX_MISSING_FRAMES_FRACTION = 0.1
 SERVE_DEFAULT_MAX_FRAMES = 128
 """``features.max_frames`` of a Serve config that names none: a server bounds every request's frames."""
 
+LEGACY_KEYS: dict[str, str] = {
+    "fps": "features.fps",
+    "max_frames": "features.max_frames",
+    "max_missing_frames_fraction": "features.max_missing_frames_fraction",
+    "cache": "features (cache.root -> features.cache_root, cache.quota_bytes -> features.cache_quota_bytes, "
+    "cache.storage_dtype -> features.cache_storage_dtype, cache.memory_mb -> features.cache_memory_bytes; "
+    "build_cache's cache.verify_existing -> verify_existing)",
+    "cache_root": "features.cache_root",
+    "cache_memory_bytes": "features.cache_memory_bytes",
+    "cache_storage_dtype": "features.cache_storage_dtype",
+    "data.cache_dir": "features.cache_root",
+    "data.cache_memory_bytes": "features.cache_memory_bytes",
+    "data.fps": "features.fps",
+    "data.max_frames": "features.max_frames",
+}
+"""Config keys that moved into the one ``features:`` section, with where they went (for error messages)."""
+
+
+def legacy_key_hint(dotted_keys: list[str]) -> str:
+    """`` (moved: fps -> features.fps, ...)`` for the keys of an old config layout, else ""."""
+    moved = [f"{key} -> {LEGACY_KEYS[key]}" for key in dotted_keys if key in LEGACY_KEYS]
+    return f" (moved into the shared features section: {'; '.join(moved)})" if moved else ""
+
 
 @dataclass
 class FeatureSpec:

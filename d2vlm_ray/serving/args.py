@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from d2vlm_ray.cache.spec import SERVE_DEFAULT_MAX_FRAMES, FeatureSpec
+from d2vlm_ray.cache.spec import LEGACY_KEYS, SERVE_DEFAULT_MAX_FRAMES, FeatureSpec, legacy_key_hint
 from d2vlm_ray.config import ConfigError, from_dict
 from d2vlm_ray.serving.core import FeatureSettings
 
@@ -88,6 +88,15 @@ class ServeArgs(BaseModel):
     retry_after_s: int = Field(1, ge=1)
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            hint = legacy_key_hint([key for key in data if key in LEGACY_KEYS])
+            if hint:
+                raise ValueError(f"ServeArgs: old layout{hint}")
+        return data
 
     @field_validator("features", mode="before")
     @classmethod
