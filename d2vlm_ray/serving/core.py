@@ -278,7 +278,7 @@ class FeatureService:
         found = self.cache.get(ref.key) if self.cache is not None else None
         if found is None:
             raise FeaturesUnavailable(
-                "features are not in the shared cache (is cache_root shared by every replica?)", retry_after_s=1
+                "features are not in the shared cache (is features.cache_root shared by every replica?)", retry_after_s=1
             )
         return found
 
