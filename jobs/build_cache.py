@@ -10,16 +10,16 @@ Local (starts an in-process Ray when none is running)::
 
     python -m jobs.build_cache --config jobs/configs/build_cache_tiny.yaml
     python -m jobs.build_cache --config jobs/configs/build_cache_tiny.yaml --dry-run   # projected bytes only
-    python -m jobs.build_cache --config jobs/configs/build_cache_tiny.yaml manifest=my/videos.txt fps=2.0
+    python -m jobs.build_cache --config jobs/configs/build_cache_tiny.yaml manifest=my/videos.txt features.fps=2.0
 
 On a running cluster (``ray start --head``; the cache root must be shared by every node,
-e.g. ``cache.root=s3://bucket/d2vlm-cache``)::
+e.g. ``features.cache_root=s3://bucket/d2vlm-cache``)::
 
     ray job submit --working-dir . -- python -m jobs.build_cache \\
-        --config jobs/configs/build_cache_tiny.yaml cache.root=s3://bucket/d2vlm-cache
+        --config jobs/configs/build_cache_tiny.yaml features.cache_root=s3://bucket/d2vlm-cache
 
 Under ``ray job submit`` the entrypoint runs in an uploaded copy of the working dir, so
-give ``manifest``, ``run_dir`` and ``cache.root`` as absolute paths or URLs that every node
+give ``manifest``, ``run_dir`` and ``features.cache_root`` as absolute paths or URLs that every node
 can read; the encoder actors load the checkpoint from ``checkpoint`` (or
 ``<run_dir>/checkpoint``), which must be on storage every node mounts.
 

@@ -16,7 +16,7 @@ Local (starts an in-process Ray with ``num_cpus`` when none is running)::
         output_dir=runs/eval_tiny_official
 
 On a running cluster (``ray start --head``; paths must be visible to every node, e.g. a
-shared mount, and ``cache.root`` may be ``s3://...``)::
+shared mount, and ``features.cache_root`` may be ``s3://...``)::
 
     ray job submit --working-dir . -- python -m jobs.evaluate --config jobs/configs/evaluate_tiny.yaml
 

@@ -17,7 +17,7 @@ On a running cluster (absolute paths or URLs every node can read)::
     ray job submit --working-dir . -- python -m jobs.fpo --config jobs/configs/fpo_tiny.yaml \\
         init_from=$PWD/runs/train/sft_tiny data.train=$PWD/runs/synth_pairs/train \\
         data.val_pairs=$PWD/runs/synth_pairs/val data.val=$PWD/runs/synth/annotations/val.json \\
-        data.video_root=$PWD/runs/synth data.cache_dir=$PWD/runs/feature_cache output_dir=$PWD/runs/train
+        data.video_root=$PWD/runs/synth features.cache_root=$PWD/runs/feature_cache output_dir=$PWD/runs/train
 
 Exit codes: 0 on success, 2 on a bad config or missing inputs, 1 if training failed.
 """

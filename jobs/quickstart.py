@@ -31,10 +31,11 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from d2vlm_ray.cache.spec import SERVE_DEFAULT_MAX_FRAMES, FeatureSpec
 from d2vlm_ray.config import ConfigError, ModelConfig, dump_config, from_dict, load_config
 
 log = logging.getLogger("jobs.quickstart")
@@ -51,8 +52,8 @@ class QuickstartConfig:
         n_videos: Synthetic videos to render.
         split_fractions: Train / val / test fractions of the videos.
         num_cpus: CPUs of the in-process Ray cluster (ignored when joining a cluster).
-        fps: Frame sampling rate.
-        max_frames: Frame cap per video (0 = none).
+        features: Sampling, partial-decode policy and feature cache, shared by every stage
+            and the Serve demo (``cache_root`` "" = ``<out_dir>/feature_cache``).
         sft_steps: SFT optimizer steps.
         sft_lr: Learning rate of non-LoRA trainables in SFT.
         sft_lora_lr: Learning rate of LoRA weights in SFT.
@@ -80,8 +81,7 @@ class QuickstartConfig:
     n_videos: int = 600
     split_fractions: list[float] = field(default_factory=lambda: [0.75, 0.05, 0.2])
     num_cpus: int = 2
-    fps: float = 1.0
-    max_frames: int = 0
+    features: FeatureSpec = field(default_factory=FeatureSpec)
     # The tiny model learns from a random start: its grounding heads and compressor need a
     # larger learning rate than the official 2e-5 / 5e-5, and many small steps. At 1e-2
     # the heads learn *that* an event happens but not *which* (in a 1000-step study the
@@ -170,7 +170,8 @@ def _train_config(cfg: QuickstartConfig, stage: str, out: Path, init_from: str, 
             "seed": cfg.seed,
             # The weights come from init_from; the LoRA settings come from here.
             "model": {"preset": "tiny", "lora": asdict(cfg.model.lora)},
-            "data": {"fps": cfg.fps, "max_frames": cfg.max_frames, "cache_dir": str(out / "feature_cache"), **data},
+            "data": data,
+            "features": asdict(feature_spec(cfg, out)),
             "optim": {
                 "lr": lr,
                 "lora_lr": lora_lr,
@@ -185,6 +186,34 @@ def _train_config(cfg: QuickstartConfig, stage: str, out: Path, init_from: str, 
             "log_every": max(1, steps // 10),
         },
     )
+
+
+def feature_spec(cfg: QuickstartConfig, out: Path) -> FeatureSpec:
+    """The one feature spec of every stage: ``cfg.features`` with its cache under ``out`` unless one is named."""
+    return replace(cfg.features, cache_root=cfg.features.cache_root or str(out / "feature_cache"))
+
+
+def build_cache_settings(cfg: QuickstartConfig, out: Path, manifest: Path, init_ckpt: str | Path) -> dict[str, Any]:
+    """The quickstart's ``BuildCacheConfig`` (as a dict) for the videos listed in ``manifest``."""
+    return {
+        "manifest": str(manifest),
+        "video_root": str(out / "synth"),
+        "checkpoint": str(init_ckpt),
+        "run_dir": str(out / "build_cache"),
+        "features": asdict(feature_spec(cfg, out)),
+        "encode_actors": 1,
+    }
+
+
+def serve_args(cfg: QuickstartConfig, out: Path, ckpt: str) -> dict[str, Any]:
+    """The Serve args of the quickstart's demo: the jobs' feature spec, with Serve's frame cap when it has none.
+
+    A cap that the videos do not reach changes no feature, so the server reads the
+    entries the cache build wrote without a cap.
+    """
+    features = asdict(feature_spec(cfg, out))
+    features["max_frames"] = features["max_frames"] or SERVE_DEFAULT_MAX_FRAMES
+    return {"checkpoint_dir": ckpt, "media_roots": [str(out / "synth")], "features": features}
 
 
 def _task_split(out: Path, tasks: list[str]) -> Path:
@@ -209,12 +238,10 @@ def _evaluate(
         "annotations": str(_task_split(out, tasks)),
         "video_root": str(out / "synth"),
         "output_dir": str(out / "eval" / name),
-        "fps": cfg.fps,
-        "max_frames": cfg.max_frames,
+        "features": asdict(feature_spec(cfg, out)),
         "overwrite": True,
         "metrics": "synthetic",
         "decoding": {"preset": "greedy", "max_new_tokens": cfg.eval_max_new_tokens},
-        "cache": {"root": str(out / "feature_cache")},
         "compute": {"num_actors": cfg.eval_actors, "batch_size": cfg.eval_batch_size, "cpus_per_actor": 1.0, "device": "cpu"},
         "report": {"plots": True, "timeline_samples": 6},
     }
@@ -248,13 +275,7 @@ def _serve_demo(cfg: QuickstartConfig, out: Path, ckpt: str, video: str, query: 
 
     from d2vlm_ray.serving.app import start_app, stop_app
 
-    args = {
-        "checkpoint_dir": ckpt,
-        "cache_root": str(out / "feature_cache"),
-        "media_roots": [str(out / "synth")],
-        "fps": cfg.fps,
-    }
-    url = start_app(args, port=cfg.serve_port, name="quickstart")
+    url = start_app(serve_args(cfg, out, ckpt), port=cfg.serve_port, name="quickstart")
     try:
         ground = requests.post(f"{url}/v1/ground", json={"video": video, "query": query}, timeout=120)
         answer = requests.post(f"{url}/v1/answer", json={"video": video, "question": query}, timeout=120)
@@ -290,7 +311,7 @@ def run(cfg: QuickstartConfig, preset: str) -> dict[str, Any]:
     """Run every stage; returns the summary that is also written to ``summary.json``."""
     import ray
 
-    from d2vlm_ray.cache import FeatureCache
+    from d2vlm_ray.cache import FeatureSource
     from d2vlm_ray.data.annotations import read_evi_json
     from d2vlm_ray.data.fpo_annotations import read_pairs
     from d2vlm_ray.data.synthetic import generate_benchmark, grounding_baselines
@@ -298,7 +319,7 @@ def run(cfg: QuickstartConfig, preset: str) -> dict[str, Any]:
     from d2vlm_ray.pipelines.build_cache import BuildCacheConfig, build_cache
     from d2vlm_ray.pipelines.runtime import ensure_ray
     from d2vlm_ray.pipelines.synth_pairs import synthesize_pairs
-    from d2vlm_ray.train.data import FeatureSource
+    from d2vlm_ray.train.data import TrainingFeatures
     from d2vlm_ray.train.evaluation import preference_accuracy
     from d2vlm_ray.train.trainer import train_fpo, train_sft
 
@@ -325,19 +346,7 @@ def run(cfg: QuickstartConfig, preset: str) -> dict[str, Any]:
         cache_summary = stages.run(
             "build feature cache (Ray Data)",
             lambda: build_cache(
-                from_dict(
-                    BuildCacheConfig,
-                    {
-                        "manifest": str(manifest),
-                        "video_root": str(synth),
-                        "checkpoint": str(init_ckpt),
-                        "run_dir": str(out / "build_cache"),
-                        "fps": cfg.fps,
-                        "max_frames": cfg.max_frames,
-                        "cache": {"root": str(out / "feature_cache")},
-                        "encode_actors": 1,
-                    },
-                )
+                from_dict(BuildCacheConfig, build_cache_settings(cfg, out, manifest, init_ckpt))
             ),
         )
         pairs_summary = stages.run(
@@ -384,12 +393,7 @@ def run(cfg: QuickstartConfig, preset: str) -> dict[str, Any]:
         final_ckpt = out / "checkpoint"
         shutil.copytree(fpo["model_dir"], final_ckpt, dirs_exist_ok=True)
         held_out = read_pairs(pairs_summary["test"]["path"])
-        source = FeatureSource(
-            load_frame_encoder(init_ckpt),
-            FeatureCache(str(out / "feature_cache")),
-            fps=cfg.fps,
-            max_frames=cfg.max_frames,
-        )
+        source = TrainingFeatures(FeatureSource(load_frame_encoder(init_ckpt), feature_spec(cfg, out)))
 
         def features(video: str) -> Any:
             return source(video if Path(video).is_absolute() else str(synth / video))

@@ -18,7 +18,7 @@ since the entrypoint runs in an uploaded copy of the working dir)::
 
     ray job submit --working-dir . -- python -m jobs.sft --config jobs/configs/sft_tiny.yaml \\
         data.train=$PWD/runs/synth/annotations/train.json data.val=$PWD/runs/synth/annotations/val.json \\
-        data.video_root=$PWD/runs/synth data.cache_dir=$PWD/runs/feature_cache output_dir=$PWD/runs/train
+        data.video_root=$PWD/runs/synth features.cache_root=$PWD/runs/feature_cache output_dir=$PWD/runs/train
 
 Exit codes: 0 on success, 2 on a bad config or missing inputs, 1 if training failed.
 """

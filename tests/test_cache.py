@@ -15,9 +15,10 @@ from d2vlm_ray.cache import (
     FeatureCache,
     SharedRootError,
     entry_nbytes,
-    feature_key,
+    FeatureSpec,
     features_for_video,
     validate_shared_root,
+    storage_key,
     video_sha256,
 )
 from d2vlm_ray.cache.store import SharedStore
@@ -136,7 +137,8 @@ def test_corrupt_entry_is_a_counted_miss_and_is_recomputed(tmp_path: Path, video
     assert stats["misses_corrupt"] == 1 and stats["puts"] == 1
     torch.testing.assert_close(again.patches, good.patches)
     fresh = FeatureCache(str(tmp_path))
-    assert fresh.get(feature_key(enc, video_sha256(video))) is not None and fresh.stats()["hits_shared"] == 1
+    key = storage_key(video_sha256(video), again.n_sampled, FeatureSpec(), enc.transform_id, enc.encoder_id)
+    assert fresh.get(key) is not None and fresh.stats()["hits_shared"] == 1
 
 
 def test_entry_without_sidecar_is_a_miss(tmp_path: Path) -> None:

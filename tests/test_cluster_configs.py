@@ -740,7 +740,7 @@ def test_entrypoint_checks_reject_missing_modules_and_bad_overrides() -> None:
     assert any("does not exist" in p for p in entrypoint_problems(missing[0]))
 
     config = ("--config", "jobs/configs/evaluate_tiny.yaml")
-    good = Entrypoint("jobs.evaluate", (*config, "cache.root=s3://b/c"), source="t")
+    good = Entrypoint("jobs.evaluate", (*config, "features.cache_root=s3://b/c"), source="t")
     _assert_no_problems(entrypoint_problems(good))
     unknown = Entrypoint("jobs.evaluate", (*config, "data.root=s3://b"), source="t")
     assert any("is rejected by the job" in p and "data" in p for p in entrypoint_problems(unknown))

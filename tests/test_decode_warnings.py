@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import d2vlm_ray.data.video as video_mod
-from d2vlm_ray.cache import FeatureCache, feature_key, features_for_video, video_sha256
+from d2vlm_ray.cache import FeatureCache, FeatureSpec, features_for_video, storage_key, video_sha256
 from d2vlm_ray.cache.store import SharedStore
 from d2vlm_ray.config import ModelConfig, from_dict, to_dict
 from d2vlm_ray.data.testclips import write_barcode_clip
@@ -78,7 +78,8 @@ def test_cache_entry_keeps_warnings_across_hits_and_reads_old_entries(
     for got in (shared, memory):
         assert got.warnings == feats.warnings and got.missing_timestamps_s == [3.0]
     # The sidecar repeats them (a look-up that trusts the sidecar sees them) and the index lists them.
-    digest = feature_key(enc, video_sha256(source)).digest()
+    key = storage_key(video_sha256(source), feats.n_sampled, FeatureSpec(), enc.transform_id, enc.encoder_id)
+    digest = key.digest()
     sidecar = SharedStore(root).read_sidecar(digest)
     assert sidecar["warnings"] == feats.warnings and sidecar["missing_timestamps_s"] == [3.0]
     cache.compact_index()
@@ -93,7 +94,7 @@ def test_cache_entry_keeps_warnings_across_hits_and_reads_old_entries(
     # An entry written before warnings were stored (no fields in data or sidecar) reads as clean.
     store = SharedStore(root)
     _rewrite_without_warnings(store, digest)
-    old = FeatureCache(root).get(feature_key(enc, video_sha256(source)))
+    old = FeatureCache(root).get(key)
     assert old is not None and old.warnings == [] and old.missing_timestamps_s == []
     ids = {"fps": 1.0, "max_frames": 0, "transform_id": enc.transform_id, "encoder_id": enc.encoder_id}
     looked = lookup_video(source, FeatureCache(root), **ids)
@@ -197,7 +198,7 @@ def test_predictions_carry_the_decode_warnings(
 
     monkeypatch.setattr(video_mod, "decode_video", lossy_decoder([3]))
     cfg = as_config({"checkpoint_dir": str(tiny_ckpt), "annotations": "unused.json", "output_dir": str(tmp_path),
-                     "cache": {"root": str(tmp_path / "cache")}, "decoding": {"max_new_tokens": 4}})
+                     "features": {"cache_root": str(tmp_path / "cache")}, "decoding": {"max_new_tokens": 4}})
     udf = PredictBatch(to_dict(cfg))
 
     def sample(sid: str, video: Path) -> tuple[str, dict, dict]:
@@ -232,7 +233,7 @@ def test_feature_service_and_cli_report_warnings(
     from d2vlm_ray.serving import offline
     from d2vlm_ray.serving.errors import BadVideo
 
-    monkeypatch.setattr(core, "decode_video", lossy_decoder([3]))
+    monkeypatch.setattr(video_mod, "decode_video", lossy_decoder([3]))
     settings = core.FeatureSettings(fps=1.0, max_frames=128)  # the CLI's default cap, so it hits this entry
     service = core.FeatureService.from_checkpoint(tiny_ckpt, cache_root=str(tmp_path / "cache"), settings=settings)
     miss = service.features(str(clips["ten"]))
@@ -253,12 +254,12 @@ def test_feature_service_and_cli_report_warnings(
     assert "warning: 1 of 10 sampled frames" in captured.err and "3.000 s" in captured.err
 
     # An upload is decoded from a temporary file: its path must not reach the warnings.
-    monkeypatch.setattr(core, "decode_video", lossy_decoder([3], name_the_file=True))
+    monkeypatch.setattr(video_mod, "decode_video", lossy_decoder([3], name_the_file=True))
     upload = service.features_from_bytes(clips["ten"].read_bytes()[:-1] + b"\0", ".mp4").ref()
     assert "the index of <video> ends early" in upload.warnings
     assert not any("d2vlm-upload-" in w for w in upload.warnings)
 
-    monkeypatch.setattr(core, "decode_video", lossy_decoder([0, 1]))
+    monkeypatch.setattr(video_mod, "decode_video", lossy_decoder([0, 1]))
     with pytest.raises(BadVideo) as over:
         service.features(str(clips["six"]))
     assert (over.value.status_code, over.value.reason) == (422, "partial_decode")

@@ -144,7 +144,7 @@ def test_shards_merge_sorted_and_later_shard_wins(tmp_path: Path) -> None:
 
 
 def test_udf_without_ray_records_failures_blank_frames_and_spans(bench: dict[str, Path], tmp_path: Path) -> None:
-    cfg = _cfg(bench, tmp_path, cache={"root": str(tmp_path / "cache")})
+    cfg = _cfg(bench, tmp_path, features={"cache_root": str(tmp_path / "cache")})
     samples = load_samples(cfg).samples
     corrupt = next(s for s in samples if s.sample_id == CORRUPT_ID)
     good = [s for s in samples if s.sample_id != CORRUPT_ID][:3]
@@ -180,26 +180,26 @@ def test_udf_without_ray_records_failures_blank_frames_and_spans(bench: dict[str
 
 
 def test_resume_refuses_other_settings(bench: dict[str, Path], tmp_path: Path) -> None:
-    from d2vlm_ray.pipelines.inference import _check_resume
+    from d2vlm_ray.pipelines.inference import check_resume
 
     cfg = _cfg(bench, tmp_path)
     store = ShardStore(tmp_path)
-    _check_resume(cfg, tmp_path, store)
+    check_resume(cfg, tmp_path, store)
     store.write([{"sample_id": "x", "status": "ok"}])
-    _check_resume(cfg, tmp_path, store)  # same settings: fine
+    check_resume(cfg, tmp_path, store)  # same settings: fine
     with pytest.raises(ValueError, match="blank_frames"):
-        _check_resume(_cfg(bench, tmp_path, blank_frames=True), tmp_path, store)
+        check_resume(_cfg(bench, tmp_path, blank_frames=True), tmp_path, store)
     with pytest.raises(ValueError, match="max_missing_frames_fraction"):
-        _check_resume(_cfg(bench, tmp_path, max_missing_frames_fraction=0.5), tmp_path, store)
+        check_resume(_cfg(bench, tmp_path, features={"max_missing_frames_fraction": 0.5}), tmp_path, store)
     # A run from before the partial-decode policy predicted every partial decode (a limit of 1).
     settings = tmp_path / "inference_settings.json"
     old = json.loads(settings.read_text())
     del old["max_missing_frames_fraction"]
     settings.write_text(json.dumps(old))
     with pytest.raises(ValueError, match="max_missing_frames_fraction"):
-        _check_resume(cfg, tmp_path, store)
+        check_resume(cfg, tmp_path, store)
     settings.write_text(json.dumps(old))
-    _check_resume(_cfg(bench, tmp_path, max_missing_frames_fraction=1.0), tmp_path, store)
+    check_resume(_cfg(bench, tmp_path, features={"max_missing_frames_fraction": 1.0}), tmp_path, store)
 
 
 @pytest.mark.ray
@@ -209,7 +209,7 @@ def test_evaluate_job_end_to_end_with_resume(bench: dict[str, Path], tmp_path: P
 
     out = tmp_path / "run"
     cfg = {"checkpoint_dir": str(bench["ckpt"]), "annotations": str(bench["ann"]), "output_dir": str(out),
-           "cache": {"root": str(tmp_path / "cache")}, "decoding": {"max_new_tokens": 12},
+           "features": {"cache_root": str(tmp_path / "cache")}, "decoding": {"max_new_tokens": 12},
            "compute": {"batch_size": 4}, "report": {"timeline_samples": 4}}
     cfg_path = tmp_path / "evaluate.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))

@@ -57,7 +57,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _cfg(bench: Path, tmp_path: Path, *extra: str) -> BuildCacheConfig:
     return load_config(BuildCacheConfig, TINY_YAML, [
         f"manifest={bench / 'annotations' / 'train.json'}", f"video_root={bench}", f"run_dir={tmp_path / 'run'}",
-        f"cache.root={tmp_path / 'cache'}", *extra,
+        f"features.cache_root={tmp_path / 'cache'}", *extra,
     ])
 
 
@@ -83,7 +83,7 @@ def test_config_is_strict(bench: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="decode_taks"):
         _cfg(bench, tmp_path, "decode_taks=2")
     with pytest.raises(ConfigError, match="fps"):
-        _cfg(bench, tmp_path, "fps=0")
+        _cfg(bench, tmp_path, "features.fps=0")
     assert job.main(["--config", str(TINY_YAML), "manifest_format=xml"]) == 2
 
 
@@ -118,7 +118,7 @@ def test_dry_run_prints_projected_bytes(bench: Path, tmp_path: Path, capsys: pyt
     expected = sum(entry_nbytes(len(decode_video(str(v), 1.0).timestamps_s), num_patches, vision.hidden_size)
                    for v in videos)
     args = ["--config", str(TINY_YAML), "--dry-run", f"manifest={bench / 'mixed.txt'}",
-            f"run_dir={tmp_path / 'run'}", f"cache.root={tmp_path / 'cache'}", "cache.quota_bytes=1000"]
+            f"run_dir={tmp_path / 'run'}", f"features.cache_root={tmp_path / 'cache'}", "features.cache_quota_bytes=1000"]
     assert job.main(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith(f"projected cache bytes: {expected} ")
@@ -183,7 +183,7 @@ def test_pipeline_runs_twice_second_all_hits(
               f"(stages {first['stage_seconds']} / {second['stage_seconds']})")
 
     with pytest.raises(SharedRootError, match="memory://"):
-        build_cache(_cfg(bench, tmp_path, "cache.root=memory://cache"))
+        build_cache(_cfg(bench, tmp_path, "features.cache_root=memory://cache"))
 
 
 @pytest.mark.ray

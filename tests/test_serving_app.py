@@ -23,7 +23,8 @@ import torch
 import yaml
 from test_serving_core import make_chain_checkpoint
 
-from d2vlm_ray.cache import FeatureCache, feature_key, video_sha256
+from d2vlm_ray.cache import FeatureCache, FeatureSpec, storage_key, video_sha256
+from d2vlm_ray.cache.source import find_entry
 from d2vlm_ray.config import DecodeSettings, ModelConfig, from_dict
 from d2vlm_ray.data.testclips import write_barcode_clip
 from d2vlm_ray.model.checkpoint import from_pretrained, init_checkpoint, load_frame_encoder
@@ -66,7 +67,8 @@ def app(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     write_damaged_clip(videos / "damaged.mp4")
 
     config = yaml.safe_load((REPO / "serve" / "test.yaml").read_text())["applications"][0]
-    args = dict(config["args"], checkpoint_dir=str(ckpt), cache_root=str(root / "cache"), media_roots=[str(videos)])
+    args = dict(config["args"], checkpoint_dir=str(ckpt), media_roots=[str(videos)])
+    args["features"] = dict(args["features"], cache_root=str(root / "cache"))
     options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in config["deployments"]}
     url = start_app(args, port=_free_port(), name=APP, deployment_options=options)
     try:
@@ -86,9 +88,12 @@ def _reference(app: dict[str, Any], video: str, question: str, max_new_tokens: i
     """``generate`` in float64 on the features the app cached (as the Grounder reads them)."""
     ckpt = app["ckpt"]
     args = app["args"]
-    key = feature_key(load_frame_encoder(ckpt), video_sha256(video), args["fps"], args["max_frames"])
-    feats = FeatureCache(args["cache_root"]).get(key)
-    assert feats is not None, "the FrameEncoder should have written the features"
+    encoder = load_frame_encoder(ckpt)
+    spec = FeatureSpec(fps=args["features"]["fps"], max_frames=args["features"]["max_frames"])
+    found = find_entry(FeatureCache(args["features"]["cache_root"]), video_sha256(video), spec, encoder.transform_id,
+                       encoder.encoder_id)
+    assert found is not None, "the FrameEncoder should have written the features"
+    feats = found[1]
     model, tokenizers, _ = from_pretrained(ckpt, dtype=torch.float64)
     batch = build_batch(
         tokenizers.llm, tokenizers.qformer, [question], [feats.patches], [feats.timestamps_s], [feats.duration_s]
@@ -291,14 +296,16 @@ def test_http_reports_partial_decodes(app: dict[str, Any]) -> None:
 
     videos, args = app["videos"], app["args"]
     encoder = load_frame_encoder(app["ckpt"])  # float32, as the FrameEncoder: same encoder id, same key
-    cache = FeatureCache(args["cache_root"])
+    cache = FeatureCache(args["features"]["cache_root"])
 
     def cache_lossy(name: str, drop_idx: list[int]) -> Any:
         """Put the features of a decode that lost ``drop_idx`` where the FrameEncoder looks them up."""
         source = str(videos / name)
-        decoded = lossy_decoder(drop_idx)(source, args["fps"], max_frames=args["max_frames"])
-        key = feature_key(encoder, video_sha256(source), args["fps"], args["max_frames"])
-        cache.put(key, encode_video(encoder, decoded, source))
+        decoded = lossy_decoder(drop_idx)(source, args["features"]["fps"], max_frames=args["features"]["max_frames"])
+        feats = encode_video(encoder, decoded, source)
+        spec = FeatureSpec(fps=args["features"]["fps"], max_frames=args["features"]["max_frames"])
+        cache.put(storage_key(video_sha256(source), feats.n_sampled, spec, encoder.transform_id, encoder.encoder_id),
+                  feats)
         return decoded
 
     partial = cache_lossy("partial.mp4", [4])  # 1 of 10: within max_missing_frames_fraction 0.1
@@ -326,10 +333,10 @@ def test_http_reports_partial_decodes(app: dict[str, Any]) -> None:
     assert "2 of 6 sampled frames" in over.json()["detail"] and str(videos) not in over.text
 
     # A really damaged file on a miss: the response says what the decoder reports, nothing less.
-    decoded = decode_video(str(videos / "damaged.mp4"), args["fps"], max_frames=args["max_frames"])
+    decoded = decode_video(str(videos / "damaged.mp4"), args["features"]["fps"], max_frames=args["features"]["max_frames"])
     assert decoded.warnings, "the damaged clip decodes without a warning; damage it more"
     damaged = _post(app, "/v1/ground", json={"video": "damaged.mp4", "query": "q"})
-    if decoded.missing_fraction > args["max_missing_frames_fraction"]:
+    if decoded.missing_fraction > args["features"]["max_missing_frames_fraction"]:
         assert damaged.status_code == 422 and damaged.json()["reason"] == "partial_decode", damaged.text
     else:
         assert damaged.status_code == 200 and damaged.json()["cache"] == "miss", damaged.text

@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import yaml
 
-from d2vlm_ray.cache import FeatureCache, feature_key, video_sha256
-from d2vlm_ray.cache.features import compute_features
+from d2vlm_ray.cache import FeatureCache, FeatureSource, FeatureSpec, video_sha256
+from d2vlm_ray.cache.source import find_entry
 from d2vlm_ray.config import DecodeSettings, ModelConfig, from_dict
 from d2vlm_ray.data.testclips import write_barcode_clip
 from d2vlm_ray.model.checkpoint import from_pretrained, init_checkpoint, load_frame_encoder, save_pretrained
@@ -83,7 +84,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _reference(ckpt: Path, video: Path, question: str, max_new_tokens: int, src_spans_s=None):
     """The model core's single-call ``generate`` in float64 on the same features."""
     model, tokenizers, _ = from_pretrained(ckpt, dtype=torch.float64)
-    feats = compute_features(load_frame_encoder(ckpt), str(video), fps=1.0, max_frames=128)
+    feats = compute_features_(load_frame_encoder(ckpt), str(video), fps=1.0, max_frames=128)
     batch = build_batch(
         tokenizers.llm,
         tokenizers.qformer,
@@ -186,16 +187,16 @@ def test_serve_configs_are_valid(name: str) -> None:
 
 
 def test_serve_args_resolve_paths_and_explain_missing_checkpoint(tmp_path: Path, assets: dict[str, Path]) -> None:
-    args = ServeArgs.load({"checkpoint_dir": str(assets["random"]), "cache_root": "cache", "media_roots": ["v"]},
+    args = ServeArgs.load({"checkpoint_dir": str(assets["random"]), "features": {"cache_root": "cache"}, "media_roots": ["v"]},
                           base_dir=str(tmp_path))
     assert args.cache_root == str(tmp_path / "cache") and args.media_roots == [str(tmp_path / "v")]
     with pytest.raises(FileNotFoundError, match="init_checkpoint") as info:
-        ServeArgs.load({"checkpoint_dir": "missing/ckpt", "cache_root": "c", "preset": "tiny"}, base_dir=str(tmp_path))
+        ServeArgs.load({"checkpoint_dir": "missing/ckpt", "features": {"cache_root": "c"}, "preset": "tiny"}, base_dir=str(tmp_path))
     assert "does not exist" in str(info.value)
     with pytest.raises(FileNotFoundError, match="trained d2vlm_ray checkpoint"):
-        ServeArgs.load({"checkpoint_dir": "missing", "cache_root": "c", "preset": "phi3-mini"}, base_dir=str(tmp_path))
+        ServeArgs.load({"checkpoint_dir": "missing", "features": {"cache_root": "c"}, "preset": "phi3-mini"}, base_dir=str(tmp_path))
     with pytest.raises(Exception, match="extra"):
-        ServeArgs.model_validate({"checkpoint_dir": "x", "cache_root": "c", "replicas": 3})
+        ServeArgs.model_validate({"checkpoint_dir": "x", "features": {"cache_root": "c"}, "replicas": 3})
 
 
 # --- features ----------------------------------------------------------------------------
@@ -241,8 +242,8 @@ def test_two_deployment_split_matches_single_generate(which: str, assets: dict[s
     question = "when does the red circle move ?"
     grounding_svc = GroundingService.from_checkpoint(ckpt, dtype="float64", device="cpu")
     answering_svc = AnsweringService.from_checkpoint(ckpt, dtype="float64", device="cpu")
-    feats = compute_features(load_frame_encoder(ckpt), str(video), fps=1.0, max_frames=128)
-    other = compute_features(load_frame_encoder(ckpt), str(assets["videos"] / "b.mp4"), fps=1.0, max_frames=128)
+    feats = compute_features_(load_frame_encoder(ckpt), str(video), fps=1.0, max_frames=128)
+    other = compute_features_(load_frame_encoder(ckpt), str(assets["videos"] / "b.mp4"), fps=1.0, max_frames=128)
     ground_settings, answer_settings = DecodeSettings(max_new_tokens=4), DecodeSettings(max_new_tokens=10)
 
     # Batched with a different video and question: padding must not change the result.
@@ -284,7 +285,7 @@ def test_two_deployment_split_matches_single_generate(which: str, assets: dict[s
 
 def test_grounding_rejects_per_request_without_failing_the_batch(assets: dict[str, Path]) -> None:
     svc = GroundingService.from_checkpoint(assets["random"], dtype="float32", device="cpu")
-    feats = compute_features(load_frame_encoder(assets["random"]), str(assets["videos"] / "a.mp4"))
+    feats = compute_features_(load_frame_encoder(assets["random"]), str(assets["videos"] / "a.mp4"))
     settings = DecodeSettings(max_new_tokens=2)
     good = GroundingRequest("what happens ?", feats, [], settings)
     outside = GroundingRequest("after <evi> ?", feats, [(50.0, 60.0)], settings)
@@ -338,8 +339,9 @@ def test_offline_cli_matches_generate_and_reports_errors(
     assert first["response"] == second["response"]
 
     # The single-call reference on the features the cache holds (what the CLI read).
-    key = feature_key(load_frame_encoder(ckpt), video_sha256(str(video)), 1.0, 128)
-    feats = FeatureCache(cache).get(key)
+    encoder = load_frame_encoder(ckpt)
+    spec = FeatureSpec(fps=1.0, max_frames=128)
+    _, feats = find_entry(FeatureCache(cache), video_sha256(str(video)), spec, encoder.transform_id, encoder.encoder_id)
     model, tokenizers, _ = from_pretrained(ckpt, dtype=torch.float64)
     batch = build_batch(tokenizers.llm, tokenizers.qformer, [question], [feats.patches], [feats.timestamps_s],
                         [feats.duration_s], src_spans_s=[[(1.0, 2.0)]])
@@ -377,3 +379,9 @@ def test_serving_core_modules_import_no_ray_or_web_stack() -> None:
                 assert module.split(".")[0] not in {"ray", "fastapi", "starlette", "deepspeed"}, (name, module)
                 if module.startswith("d2vlm_ray.serving."):
                     assert module.rsplit(".", 1)[1] in ray_free, (name, module)
+
+
+def compute_features_(encoder: Any, source: str, fps: float = 1.0, max_frames: int = 0) -> Any:
+    """Decode and encode a video with no cache involved."""
+    spec = FeatureSpec(fps=fps, max_frames=max_frames)
+    return FeatureSource(encoder, spec, cache=None).features(source).features

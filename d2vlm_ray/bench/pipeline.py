@@ -213,16 +213,15 @@ def _pool(videos: list[str], ckpt: str, cache_root: str, cfg: Config) -> dict[st
 
 
 def _build_cfg(manifest: Path, ckpt: str, cache_root: str, run_dir: Path, cfg: Config) -> Any:
-    from d2vlm_ray.pipelines.build_cache import BuildCacheConfig, CacheSettings
+    from d2vlm_ray.cache import FeatureSpec
+    from d2vlm_ray.pipelines.build_cache import BuildCacheConfig
 
     return BuildCacheConfig(
         manifest=str(manifest),
         manifest_format="list",
         checkpoint=ckpt,
         run_dir=str(run_dir),
-        fps=cfg.sample_fps,
-        max_frames=cfg.max_frames,
-        cache=CacheSettings(root=cache_root),
+        features=FeatureSpec(fps=cfg.sample_fps, max_frames=cfg.max_frames, cache_root=cache_root),
         num_cpus=cfg.cores,
         decode_tasks=cfg.decode_tasks,
         decode_num_cpus=cfg.decode_num_cpus,

@@ -298,12 +298,10 @@ def run(cfg: Config) -> dict[str, Any]:
         args = {
             "checkpoint_dir": str(ckpt),
             "preset": "tiny",
-            "cache_root": str(work / "feature_cache"),
+            "features": {"cache_root": str(work / "feature_cache"), "fps": cfg.sample_fps, "max_frames": cfg.max_frames},
             "media_roots": [videos_dir],
             "allowed_url_schemes": ["file"],
             "max_video_duration_s": 600.0,
-            "fps": cfg.sample_fps,
-            "max_frames": cfg.max_frames,
             "dtype": "float32",
             "encoder_dtype": "float32",
             "device": "cpu",

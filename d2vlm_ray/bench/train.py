@@ -217,11 +217,10 @@ def job_config(cfg: Config, inputs: Inputs, output_dir: Path, name: str, *, work
             "data": {
                 "train": str(inputs.synth_dir / "annotations" / "train.json"),
                 "video_root": str(inputs.synth_dir),
-                "cache_dir": str(inputs.cache_dir),
                 "decode_on_miss": False,
-                "max_frames": cfg.max_frames,
                 "max_text_tokens": cfg.max_text_tokens,
             },
+            "features": {"cache_root": str(inputs.cache_dir), "max_frames": cfg.max_frames},
             "optim": {"max_steps": steps, "micro_batch_size": 1, "grad_accum": 1},
             "scaling": {"num_workers": workers, "use_gpu": False, "cpus_per_worker": 1.0, "zero_stage": cfg.zero_stage},
             "checkpoint": {"every_n_steps": 1 << 30, "save_mode": "adapter", "num_to_keep": 1},

@@ -1,8 +1,8 @@
-"""The two-tier feature cache and the "features of this video" entry point.
+"""The two-tier feature cache.
 
 :class:`FeatureCache` looks an entry up in an in-process LRU bounded by bytes, then in the
-shared store (:class:`~d2vlm_ray.cache.store.SharedStore`); :func:`features_for_video`
-hashes a video, asks the cache, and on a miss decodes, encodes and writes the entry.
+shared store (:class:`~d2vlm_ray.cache.store.SharedStore`). "The features of a video"
+(hash, look up, on a miss decode, encode and write) is :class:`d2vlm_ray.cache.source.FeatureSource`.
 
 Both tiers hold features in the storage dtype (fp16 by default: a phi3-mini-sized ViT
 gives 256 x 1408 x 2 B = 704 KiB per frame), so a value read from memory equals the same
@@ -27,15 +27,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from d2vlm_ray.cache.keys import video_sha256
 from d2vlm_ray.cache.store import CorruptEntryError, EntryPayload, SharedStore, _np_dtype
 from d2vlm_ray.types import FeatureKey, FrameEncoder
 
 if TYPE_CHECKING:
     from d2vlm_ray.types import DecodedVideo
-
-DEFAULT_MAX_MISSING_FRAMES_FRACTION = 0.1
-"""Default share of sampled frames a decode may lose before it is a ``partial_decode`` error."""
 
 logger = logging.getLogger(__name__)
 
@@ -221,11 +217,13 @@ class FeatureCache:
 
     # --- public API --------------------------------------------------------------------
 
-    def get(self, key: FeatureKey) -> CachedFeatures | None:
+    def get(self, key: FeatureKey, *, count_miss: bool = True) -> CachedFeatures | None:
         """Features for ``key``, or ``None`` on a miss.
 
         A sidecar-less entry (``misses_unsealed``) and one that fails its checksum or does
         not parse (``misses_corrupt``) are misses; callers recompute and :meth:`put`.
+        ``count_miss=False`` leaves an absent entry out of the miss counters (a probe of
+        one of several keys the caller will try); corrupt entries are always counted.
         """
         digest = key.digest()
         with self._lock:
@@ -244,6 +242,8 @@ class FeatureCache:
             self._count(misses=1, misses_corrupt=1)
             return None
         if found is None:
+            if not count_miss:
+                return None
             unsealed = self.store.has_unsealed_data(digest)
             self._count(misses=1, misses_unsealed=int(unsealed), misses_absent=int(not unsealed))
             return None
@@ -396,26 +396,6 @@ def check_missing_fraction(feats: CachedFeatures, max_missing_frames_fraction: f
     return feats
 
 
-def compute_features(
-    encoder: FrameEncoder,
-    source: str,
-    *,
-    fps: float = 1.0,
-    max_frames: int | None = None,
-    max_missing_frames_fraction: float = DEFAULT_MAX_MISSING_FRAMES_FRACTION,
-) -> CachedFeatures:
-    """Decode ``source`` at ``fps`` and encode its frames (no cache involved).
-
-    Raises:
-        VideoDecodeError: If the video cannot be decoded, or (``partial_decode``) it lost
-            more than ``max_missing_frames_fraction`` of its sampled frames.
-    """
-    from d2vlm_ray.data.video import check_missing_frames, decode_video
-
-    decoded = check_missing_frames(decode_video(source, fps, max_frames=max_frames), max_missing_frames_fraction, source)
-    return encode_video(encoder, decoded, source)
-
-
 def scrub_source(warnings: Sequence[str], source: str) -> list[str]:
     """``warnings`` with the video's path or URL written ``<video>``.
 
@@ -457,51 +437,3 @@ def encode_decoded(
         warnings=[str(w) for w in warnings or []],
         missing_timestamps_s=[float(t) for t in missing_timestamps_s or []],
     )
-
-
-def features_for_video(
-    cache: FeatureCache | None,
-    encoder: FrameEncoder,
-    source: str,
-    *,
-    fps: float = 1.0,
-    max_frames: int | None = None,
-    max_missing_frames_fraction: float = DEFAULT_MAX_MISSING_FRAMES_FRACTION,
-) -> tuple[CachedFeatures, bool]:
-    """Patch features of a video, from the cache when possible.
-
-    On a miss the video is decoded and encoded, and the entry is written; the returned
-    values are then those a later hit returns (rounded to the storage dtype), so a
-    caller sees the same numbers whichever way they were obtained. Either way the
-    features carry the decode's ``warnings`` and ``missing_timestamps_s``.
-
-    Args:
-        cache: The cache, or ``None`` to always compute.
-        encoder: The frozen frame encoder (its ids enter the key).
-        source: Local path or fsspec URL of the video.
-        fps: Sampling rate.
-        max_frames: Frame cap (``None`` for none).
-        max_missing_frames_fraction: Largest share of sampled frames a decode may lose;
-            checked on a hit too. A decode over the limit is not cached.
-
-    Returns:
-        ``(features, cache_hit)``.
-
-    Raises:
-        FileNotFoundError: If the video does not exist.
-        VideoDecodeError: If it cannot be decoded, or ``partial_decode`` when it lost more
-            than the allowed share of frames.
-    """
-    if cache is None:
-        feats = compute_features(
-            encoder, source, fps=fps, max_frames=max_frames, max_missing_frames_fraction=max_missing_frames_fraction
-        )
-        return feats, False
-    key = feature_key(encoder, video_sha256(source), fps, max_frames)
-    found = cache.get(key)
-    if found is not None:
-        return check_missing_fraction(found, max_missing_frames_fraction, source), True
-    feats = compute_features(
-        encoder, source, fps=fps, max_frames=max_frames, max_missing_frames_fraction=max_missing_frames_fraction
-    )
-    return cache.put(key, feats), False

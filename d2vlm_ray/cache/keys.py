@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import fsspec
 
@@ -18,6 +18,7 @@ _CHUNK_BYTES = 8 << 20
 _MEMO_SIZE = 4096
 _memo: OrderedDict[tuple[str, int, int], str] = OrderedDict()
 _memo_lock = threading.Lock()
+_hash_counts: Counter[str] = Counter()
 
 _PROCESS_LOCAL_PROTOCOLS = ("memory",)
 _NODE_LOCAL_PROTOCOLS = ("file", "local")
@@ -34,6 +35,45 @@ def _local_path(source: str) -> str | None:
     if source.startswith("file://"):
         return source[len("file://") :]
     return None
+
+
+def stream_sha256(source: str) -> str:
+    """sha256 hex digest of all the bytes of ``source``, read in 8 MiB chunks (no memo).
+
+    Every call reads the whole object (for a remote video: downloads it), so each call is
+    counted per source; :func:`content_hash_counts` lets tests check that a video set is
+    hashed once, not once per use.
+
+    Raises:
+        FileNotFoundError: If the source does not exist (or is a directory).
+    """
+    digest = hashlib.sha256()
+    try:
+        with fsspec.open(source, "rb") as handle:
+            while chunk := handle.read(_CHUNK_BYTES):
+                digest.update(chunk)
+    except (FileNotFoundError, IsADirectoryError):
+        raise FileNotFoundError(f"video_sha256: no such file {source!r}") from None
+    with _memo_lock:
+        _hash_counts[source] += 1
+    return digest.hexdigest()
+
+
+def content_hash_counts() -> dict[str, int]:
+    """How many times this process streamed each source through sha256 (a copy)."""
+    with _memo_lock:
+        return dict(_hash_counts)
+
+
+def reset_hash_memo() -> None:
+    """Forget the memoised local hashes and the per-source counts of this process.
+
+    For tests that play several processes (a cache build, a trainer, an evaluator) in
+    one: each stage then starts as a fresh process would, with only what it can read.
+    """
+    with _memo_lock:
+        _memo.clear()
+        _hash_counts.clear()
 
 
 def video_sha256(source: str) -> str:
@@ -66,14 +106,7 @@ def video_sha256(source: str) -> str:
             if memo_key in _memo:
                 _memo.move_to_end(memo_key)
                 return _memo[memo_key]
-    digest = hashlib.sha256()
-    try:
-        with fsspec.open(source, "rb") as handle:
-            while chunk := handle.read(_CHUNK_BYTES):
-                digest.update(chunk)
-    except (FileNotFoundError, IsADirectoryError):
-        raise FileNotFoundError(f"video_sha256: no such file {source!r}") from None
-    hex_digest = digest.hexdigest()
+    hex_digest = stream_sha256(source)
     if memo_key is not None:
         with _memo_lock:
             _memo[memo_key] = hex_digest
@@ -106,11 +139,11 @@ def validate_shared_root(root: str, num_nodes: int, *, shared_filesystem: bool =
         return
     if protocol in _PROCESS_LOCAL_PROTOCOLS:
         raise SharedRootError(
-            f"cache.root={root!r}: memory:// is private to one process and cannot be the shared cache "
+            f"features.cache_root={root!r}: memory:// is private to one process and cannot be the shared cache "
             f"of a {num_nodes}-node cluster; use an object store URL (s3://, gs://, abfs://) or a shared mount"
         )
     if protocol in _NODE_LOCAL_PROTOCOLS and not shared_filesystem:
         raise SharedRootError(
-            f"cache.root={root!r} is a node-local path on a {num_nodes}-node cluster; use an object store URL, "
-            "or set cache.shared_filesystem=true if it is a network mount present on every node"
+            f"features.cache_root={root!r} is a node-local path on a {num_nodes}-node cluster; use an object "
+            "store URL, or set features.shared_filesystem=true if it is a network mount present on every node"
         )

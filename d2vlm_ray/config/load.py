@@ -122,9 +122,12 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     names = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in names]
     if unknown:
+        from d2vlm_ray.cache.spec import legacy_key_hint
+
         raise ConfigError(
             f"unknown config key(s) {[prefix + k for k in unknown]}; "
             f"valid keys here: {sorted(prefix + n for n in names)}"
+            + (legacy_key_hint([prefix + k for k in unknown]) if "features" in names or prefix == "data." else "")
         )
     kwargs = {}
     for key, value in data.items():

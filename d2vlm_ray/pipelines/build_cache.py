@@ -59,40 +59,24 @@ from d2vlm_ray.cache import (
     FeatureCache,
     SharedRootError,
     entry_nbytes,
+    FeatureSpec,
+    VideoManifest,
+    lookup_keys,
+    manifest_root,
+    storage_key,
     validate_shared_root,
-    video_sha256,
 )
+from d2vlm_ray.cache.source import find_entry, find_sealed
 from d2vlm_ray.cache.features import encode_decoded, scrub_source
 from d2vlm_ray.config import ModelConfig, dump_config, from_dict
 from d2vlm_ray.data.video import VideoDecodeError
-from d2vlm_ray.types import FeatureKey, FrameEncoder
+from d2vlm_ray.types import FrameEncoder
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_FORMATS = ("auto", "evi", "list")
 CHECKPOINT_SUBDIR = "checkpoint"
 _FAILURE_COLUMNS = ("source", "status", "stage", "reason", "message", "warnings")
-
-
-@dataclass
-class CacheSettings:
-    """Where and how features are stored.
-
-    Attributes:
-        root: Path or fsspec URL of the shared cache (``s3://bucket/d2vlm-cache`` on a cluster).
-        quota_bytes: Byte budget of the shared tier (0 = unbounded); LRU eviction beyond it.
-        storage_dtype: ``float16`` (default) or ``float32``.
-        shared_filesystem: ``root`` is a local path that every node mounts (NFS, Lustre);
-            without it a local path is refused on a multi-node cluster.
-        verify_existing: Fully checksum existing entries during the look-up instead of
-            checking sidecar and size (downloads every entry).
-    """
-
-    root: str = "runs/feature_cache"
-    quota_bytes: int = 0
-    storage_dtype: str = "float16"
-    shared_filesystem: bool = False
-    verify_existing: bool = False
 
 
 @dataclass
@@ -108,12 +92,11 @@ class BuildCacheConfig:
         checkpoint: d2vlm_ray checkpoint dir whose frame encoder is used; empty means a
             random ``tiny`` preset model is initialised into ``<run_dir>/checkpoint``.
         run_dir: Output folder: resolved config, summary, failures table, tiny checkpoint.
-        fps: Frame sampling rate.
-        max_frames: Frame cap per video (0 = none); part of the cache key.
-        max_missing_frames_fraction: Largest share of a video's sampled frames the decoder
-            may lose; beyond it the video fails with ``partial_decode`` (0 accepts only
-            complete decodes, 1 any partial one). Within it the video is ``partial``.
-        cache: Storage settings.
+        features: Sampling, partial-decode policy and cache (the spec every job and Serve
+            share). A video that lost more than ``features.max_missing_frames_fraction``
+            of its sampled frames fails with ``partial_decode``; within it it is ``partial``.
+        verify_existing: Fully checksum existing entries during the look-up instead of
+            checking sidecar and size (downloads every entry).
         num_cpus: CPUs of the Ray instance started when none is running (0 = all).
         lookup_batch_size: Videos per look-up task.
         decode_tasks: Concurrent decode tasks.
@@ -139,10 +122,8 @@ class BuildCacheConfig:
     video_root: str = ""
     checkpoint: str = ""
     run_dir: str = "runs/build_cache"
-    fps: float = 1.0
-    max_frames: int = 0
-    max_missing_frames_fraction: float = DEFAULT_MAX_MISSING_FRAMES_FRACTION
-    cache: CacheSettings = field(default_factory=CacheSettings)
+    features: FeatureSpec = field(default_factory=lambda: FeatureSpec(cache_root="runs/feature_cache"))
+    verify_existing: bool = False
     num_cpus: int = 0
     lookup_batch_size: int = 16
     decode_tasks: int = 2
@@ -160,11 +141,12 @@ class BuildCacheConfig:
             raise ValueError("manifest: required (an evi.json, a .txt list or a JSON list of video paths)")
         if self.manifest_format not in MANIFEST_FORMATS:
             raise ValueError(f"manifest_format: expected one of {list(MANIFEST_FORMATS)}, got {self.manifest_format!r}")
-        if not (self.fps > 0 and math.isfinite(self.fps)):
-            raise ValueError(f"fps: must be a positive number, got {self.fps}")
-        if not 0.0 <= self.max_missing_frames_fraction <= 1.0:
-            raise ValueError(f"max_missing_frames_fraction: must be in [0, 1], got {self.max_missing_frames_fraction}")
-        for name in ("max_frames", "num_cpus", "seed", "decode_memory_bytes"):
+        if not math.isfinite(self.features.fps):
+            raise ValueError(f"features.fps: must be a finite number, got {self.features.fps}")
+        self.features.validate()
+        if not self.features.cache_root:
+            raise ValueError("features.cache_root: required (the cache this job fills)")
+        for name in ("num_cpus", "seed", "decode_memory_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("lookup_batch_size", "decode_tasks", "encode_actors"):
@@ -172,10 +154,6 @@ class BuildCacheConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.num_gpus < 0 or self.decode_num_cpus < 0 or self.encode_num_cpus < 0:
             raise ValueError("num_gpus, decode_num_cpus and encode_num_cpus must be >= 0")
-        if self.cache.quota_bytes < 0:
-            raise ValueError(f"cache.quota_bytes: must be >= 0, got {self.cache.quota_bytes}")
-        if self.cache.storage_dtype not in ("float16", "float32"):
-            raise ValueError(f"cache.storage_dtype: expected float16 or float32, got {self.cache.storage_dtype!r}")
 
 
 # --- inputs ----------------------------------------------------------------------------
@@ -293,27 +271,31 @@ def lookup_video(
     """
     start = time.perf_counter()
     no_warnings = _warning_fields([], [])
+    spec = FeatureSpec(fps=fps, max_frames=int(max_frames), max_missing_frames_fraction=max_missing_frames_fraction)
     try:
-        sha = video_sha256(source)
+        # Ingestion: the hash lands in the manifest that training, evaluation and Serve read.
+        sha = VideoManifest(manifest_root(cache.root)).sha256(source)
     except FileNotFoundError as exc:
         failed = _failure(source, "lookup", "not_found", str(exc))
         return {**failed, "sha256": "", "digest": "", "hash_s": 0.0, **no_warnings}
     except OSError as exc:
         failed = _failure(source, "lookup", "unreadable", str(exc))
         return {**failed, "sha256": "", "digest": "", "hash_s": 0.0, **no_warnings}
-    key = FeatureKey(sha, float(fps), transform_id, encoder_id, int(max_frames))
     warnings = no_warnings
     n_encoded = 0
+    key = lookup_keys(sha, spec, transform_id, encoder_id)[-1]
     if verify:
-        found = cache.get(key)
+        found = find_entry(cache, sha, spec, transform_id, encoder_id)
         cached = found is not None
         if found is not None:
-            warnings = _warning_fields(found.warnings, found.missing_timestamps_s)
-            n_encoded = found.num_frames
+            key = found[0]
+            warnings = _warning_fields(found[1].warnings, found[1].missing_timestamps_s)
+            n_encoded = found[1].num_frames
     else:
-        cached = cache.contains(key)
-        if cached:
-            sidecar = cache.store.read_sidecar(key.digest()) or {}
+        sealed = find_sealed(cache, sha, spec, transform_id, encoder_id)
+        cached = sealed is not None
+        if sealed is not None:
+            key, sidecar = sealed
             warnings = _warning_fields(sidecar.get("warnings") or [], sidecar.get("missing_timestamps_s") or [])
             n_encoded = int((sidecar.get("shape") or [0])[0])
     n_missing = len(json.loads(warnings["missing_timestamps_json"]))
@@ -405,8 +387,10 @@ def encode_row(
     if row.get("status") == "failed":
         return out
     start = time.perf_counter()
-    key = FeatureKey(row["sha256"], float(fps), encoder.transform_id, encoder.encoder_id, int(max_frames))
     warnings, missing_timestamps_s = row_warnings(row), row_missing_timestamps_s(row)
+    spec = FeatureSpec(fps=fps, max_frames=int(max_frames))
+    n_sampled = len(row["frames"]) + len(missing_timestamps_s)
+    key = storage_key(row["sha256"], n_sampled, spec, encoder.transform_id, encoder.encoder_id)
     try:
         feats = encode_decoded(
             encoder, row["frames"], row["timestamps_s"], row["duration_s"], row["source_fps"],
@@ -460,12 +444,12 @@ def _absolute(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
-def _cache_kwargs(settings: CacheSettings) -> dict[str, Any]:
+def _cache_kwargs(spec: FeatureSpec) -> dict[str, Any]:
     return {
-        "root": settings.root,
+        "root": spec.cache_root,
         "memory_bytes": 0,  # workers see each video once; the memory tier would only hold RAM
-        "quota_bytes": settings.quota_bytes or None,
-        "storage_dtype": settings.storage_dtype,
+        "quota_bytes": spec.cache_quota_bytes or None,
+        "storage_dtype": spec.cache_storage_dtype,
     }
 
 
@@ -556,7 +540,7 @@ class LookupDecodeEncode(EncodeFrames):
     """Ray Data actor UDF for ``decode_in_encoder``: look up, decode, encode and write per video.
 
     Args: as :class:`EncodeFrames`, plus ``verify`` (read cached entries back instead of
-    trusting their sidecar, as ``cache.verify_existing``).
+    trusting their sidecar, as ``verify_existing``).
     """
 
     def __init__(
@@ -648,24 +632,24 @@ def project_cache_bytes(cfg: BuildCacheConfig, *, workers: int = 4) -> dict[str,
 
     def frames_or_reason(source: str) -> int | str:
         try:
-            return _count_frames(source, cfg.fps, cfg.max_frames)
+            return _count_frames(source, cfg.features.fps, cfg.features.max_frames)
         except VideoDecodeError as exc:
             return exc.reason
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         counted = list(pool.map(frames_or_reason, sources))
     frames = sum(c for c in counted if isinstance(c, int))
-    dtype = cfg.cache.storage_dtype
+    dtype = cfg.features.cache_storage_dtype
     projected = sum(entry_nbytes(c, num_patches, patch_dim, dtype) for c in counted if isinstance(c, int))
-    quota = cfg.cache.quota_bytes or None
+    quota = cfg.features.cache_quota_bytes or None
     return {
         "videos": len(sources),
         "malformed_records": malformed,
         "frames": frames,
         "num_patches": num_patches,
         "patch_dim": patch_dim,
-        "storage_dtype": cfg.cache.storage_dtype,
-        "bytes_per_frame": entry_nbytes(1, num_patches, patch_dim, cfg.cache.storage_dtype),
+        "storage_dtype": cfg.features.cache_storage_dtype,
+        "bytes_per_frame": entry_nbytes(1, num_patches, patch_dim, cfg.features.cache_storage_dtype),
         "projected_bytes": projected,
         "unreadable": dict(Counter(c for c in counted if isinstance(c, str))),
         "quota_bytes": quota,
@@ -736,10 +720,10 @@ def build_cache(cfg: BuildCacheConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir)
     num_nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
-    validate_shared_root(cfg.cache.root, num_nodes, shared_filesystem=cfg.cache.shared_filesystem)
-    if cfg.cache.root.startswith("memory://"):
+    validate_shared_root(cfg.features.cache_root, num_nodes, shared_filesystem=cfg.features.shared_filesystem)
+    if cfg.features.cache_root.startswith("memory://"):
         # Ray Data workers are separate processes, so even one node cannot share memory://.
-        raise SharedRootError(f"cache.root={cfg.cache.root!r}: memory:// is private to one process; Ray workers "
+        raise SharedRootError(f"features.cache_root={cfg.features.cache_root!r}: memory:// is private to one process; Ray workers "
                               "would each write their own. Use a path or an object store URL")
     sources, malformed = read_manifest(cfg.manifest, cfg.manifest_format, cfg.video_root)
     # Ray workers do not share the driver's working directory: hand them absolute paths.
@@ -748,14 +732,14 @@ def build_cache(cfg: BuildCacheConfig) -> dict[str, Any]:
     encoder = load_frame_encoder(ckpt)
     ids = {"transform_id": encoder.transform_id, "encoder_id": encoder.encoder_id}
     del encoder
-    cache_kwargs = {**_cache_kwargs(cfg.cache), "root": _absolute(cfg.cache.root)}
+    cache_kwargs = {**_cache_kwargs(cfg.features), "root": _absolute(cfg.features.cache_root)}
     logger.info("build_cache: %d videos from %s; cache %s; encoder %s", len(sources), cfg.manifest,
-                cfg.cache.root, ids["encoder_id"])
+                cfg.features.cache_root, ids["encoder_id"])
     stage_s: dict[str, float] = {}
 
-    actor_kwargs = {"checkpoint": str(ckpt), "cache_kwargs": cache_kwargs, "fps": cfg.fps,
-                    "max_frames": cfg.max_frames, "use_gpu": cfg.num_gpus > 0,
-                    "max_missing_frames_fraction": cfg.max_missing_frames_fraction}
+    actor_kwargs = {"checkpoint": str(ckpt), "cache_kwargs": cache_kwargs, "fps": cfg.features.fps,
+                    "max_frames": cfg.features.max_frames, "use_gpu": cfg.num_gpus > 0,
+                    "max_missing_frames_fraction": cfg.features.max_missing_frames_fraction}
     if cfg.decode_in_encoder:
         t0 = time.perf_counter()
         rows = [_plain(r) for r in ray.data.from_items([{"source": s} for s in sources]).map_batches(
@@ -764,7 +748,7 @@ def build_cache(cfg: BuildCacheConfig) -> dict[str, Any]:
             compute=ActorPoolStrategy(size=cfg.encode_actors),
             num_cpus=cfg.encode_num_cpus,
             num_gpus=cfg.num_gpus or None,
-            fn_constructor_kwargs={**actor_kwargs, "verify": cfg.cache.verify_existing},
+            fn_constructor_kwargs={**actor_kwargs, "verify": cfg.verify_existing},
         ).take_all()] if sources else []
         stage_s["lookup_decode_encode_write"] = time.perf_counter() - t0
         hit_rows = [r for r in rows if r["status"] == "cached"]
@@ -779,9 +763,9 @@ def build_cache(cfg: BuildCacheConfig) -> dict[str, Any]:
             batch_size=cfg.lookup_batch_size,
             compute=TaskPoolStrategy(size=cfg.decode_tasks),
             num_cpus=cfg.decode_num_cpus,
-            fn_kwargs={"cache_kwargs": cache_kwargs, "fps": cfg.fps, "max_frames": cfg.max_frames,
-                       "verify": cfg.cache.verify_existing,
-                       "max_missing_frames_fraction": cfg.max_missing_frames_fraction, **ids},
+            fn_kwargs={"cache_kwargs": cache_kwargs, "fps": cfg.features.fps, "max_frames": cfg.features.max_frames,
+                       "verify": cfg.verify_existing,
+                       "max_missing_frames_fraction": cfg.features.max_missing_frames_fraction, **ids},
         ).take_all()] if sources else []
         stage_s["lookup"] = time.perf_counter() - t0
         todo = [r for r in looked if r["status"] == "todo"]
@@ -803,8 +787,8 @@ def build_cache(cfg: BuildCacheConfig) -> dict[str, Any]:
                 compute=TaskPoolStrategy(size=cfg.decode_tasks),
                 num_cpus=cfg.decode_num_cpus,
                 memory=cfg.decode_memory_bytes or None,
-                fn_kwargs={"fps": cfg.fps, "max_frames": cfg.max_frames,
-                           "max_missing_frames_fraction": cfg.max_missing_frames_fraction},
+                fn_kwargs={"fps": cfg.features.fps, "max_frames": cfg.features.max_frames,
+                           "max_missing_frames_fraction": cfg.features.max_missing_frames_fraction},
             )
             encoded = decoded.map_batches(
                 EncodeFrames,
@@ -823,8 +807,8 @@ def build_cache(cfg: BuildCacheConfig) -> dict[str, Any]:
                 len(partial), sum(r["status"] == "failed" for r in results), time.perf_counter() - t0)
 
     t0 = time.perf_counter()
-    driver_cache = FeatureCache(cfg.cache.root, memory_bytes=0, quota_bytes=cfg.cache.quota_bytes or None,
-                                storage_dtype=cfg.cache.storage_dtype)
+    driver_cache = FeatureCache(cfg.features.cache_root, memory_bytes=0, quota_bytes=cfg.features.cache_quota_bytes or None,
+                                storage_dtype=cfg.features.cache_storage_dtype)
     evicted = driver_cache.enforce_quota()
     index = driver_cache.compact_index()
     stage_s["index"] = time.perf_counter() - t0
@@ -852,7 +836,7 @@ def build_cache(cfg: BuildCacheConfig) -> dict[str, Any]:
         "evicted": len(evicted),
         "cache_entries": index["entries"],
         "cache_bytes": index["bytes"],
-        "cache_root": cfg.cache.root,
+        "cache_root": cfg.features.cache_root,
         "checkpoint": str(ckpt),
         "encoder_id": ids["encoder_id"],
         "failures": str(failures_path),

@@ -8,12 +8,14 @@ paths. A missing checkpoint fails here with what to run, never with invented wei
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from d2vlm_ray.cache import DEFAULT_MAX_MISSING_FRAMES_FRACTION
+from d2vlm_ray.cache.spec import LEGACY_KEYS, SERVE_DEFAULT_MAX_FRAMES, FeatureSpec, legacy_key_hint
+from d2vlm_ray.config import ConfigError, from_dict
 from d2vlm_ray.serving.core import FeatureSettings
 
 QUICKSTART_HINT = (
@@ -32,21 +34,20 @@ class ServeArgs(BaseModel):
         preset: The preset the checkpoint is expected to have; only used to say what to
             run when the directory is missing.
         model_id: Name reported by ``/v1/models``.
-        cache_root: Shared fsspec root of the feature cache (every replica's node must
-            see the same storage: a shared filesystem or an object store).
-        cache_memory_bytes: In-process cache tier per replica.
-        cache_storage_dtype: ``float16`` or ``float32``.
+        features: Sampling, partial-decode policy and feature cache: the
+            :class:`~d2vlm_ray.cache.FeatureSpec` the jobs nest too, so the server reads the
+            entries they build. ``features.cache_root`` is required (every replica's node
+            must see the same storage: a shared filesystem or an object store) and
+            ``features.max_frames`` must be >= 1 (a server bounds every request). A decode
+            losing more than ``features.max_missing_frames_fraction`` of its sampled frames
+            gets 422 ``partial_decode``; within it the response lists the lost frames and
+            the decoder's ``warnings``.
         media_roots: Directories whose videos requests may name by path.
         allowed_url_schemes: URL schemes requests may use (``file`` URLs must also lie
             under a media root).
         max_upload_bytes: Largest multipart upload (413 beyond).
         max_json_bytes: Largest JSON body (413 beyond).
         max_video_duration_s: Longest video (413 beyond).
-        fps: Frame sampling rate.
-        max_frames: Frame cap per video.
-        max_missing_frames_fraction: Largest share of a video's sampled frames its decode
-            may lose; beyond it the request gets 422 ``partial_decode``, within it the
-            response lists the lost frames and the decoder's ``warnings``.
         dtype: Grounder/Answerer compute dtype (``float64`` for parity checks).
         encoder_dtype: FrameEncoder compute dtype.
         device: ``auto`` (GPU if visible), ``cpu`` or ``cuda``.
@@ -66,22 +67,17 @@ class ServeArgs(BaseModel):
         batch_wait_timeout_s: How long they wait to fill a batch.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
     checkpoint_dir: str
     preset: Literal["tiny", "phi3-mini"] | None = None
     model_id: str = "d2vlm"
-    cache_root: str
-    cache_memory_bytes: int = Field(256 << 20, ge=0)
-    cache_storage_dtype: Literal["float16", "float32"] = "float16"
+    features: FeatureSpec
     media_roots: list[str] = Field(default_factory=list)
     allowed_url_schemes: list[str] = Field(default_factory=lambda: ["file", "s3", "gs"])
     max_upload_bytes: int = Field(64 << 20, gt=0)
     max_json_bytes: int = Field(1 << 20, gt=0)
     max_video_duration_s: float | None = Field(600.0, gt=0)
-    fps: float = Field(1.0, gt=0)
-    max_frames: int | None = Field(128, ge=1)
-    max_missing_frames_fraction: float = Field(DEFAULT_MAX_MISSING_FRAMES_FRACTION, ge=0, le=1)
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
     encoder_dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
     device: str = "auto"
@@ -96,6 +92,34 @@ class ServeArgs(BaseModel):
     max_replica_retries: int = Field(2, ge=0)
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            hint = legacy_key_hint([key for key in data if key in LEGACY_KEYS])
+            if hint:
+                raise ValueError(f"ServeArgs: old layout{hint}")
+        return data
+
+    @field_validator("features", mode="before")
+    @classmethod
+    def _features(cls, value: Any) -> FeatureSpec:
+        if isinstance(value, FeatureSpec):
+            spec = replace(value)
+        elif isinstance(value, dict):
+            try:
+                spec = from_dict(FeatureSpec, {"max_frames": SERVE_DEFAULT_MAX_FRAMES, **value})
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        else:
+            raise ValueError(f"expected a mapping of FeatureSpec fields, got {type(value).__name__}")
+        spec.validate()
+        if not spec.cache_root:
+            raise ValueError("features.cache_root is required: the cache the replicas share")
+        if spec.max_frames < 1:
+            raise ValueError("features.max_frames must be >= 1: a server bounds the frames of every request")
+        return spec
 
     @model_validator(mode="after")
     def _bounds(self) -> ServeArgs:
@@ -127,7 +151,7 @@ class ServeArgs(BaseModel):
         parsed = parsed.model_copy(
             update={
                 "checkpoint_dir": absolute(parsed.checkpoint_dir),
-                "cache_root": absolute(parsed.cache_root),
+                "features": replace(parsed.features, cache_root=absolute(parsed.features.cache_root)),
                 "media_roots": [absolute(r) for r in parsed.media_roots],
             }
         )
@@ -147,13 +171,38 @@ class ServeArgs(BaseModel):
             message += " Point checkpoint_dir at a trained d2vlm_ray checkpoint (jobs write them under runs/)."
         raise FileNotFoundError(message)
 
+    @property
+    def cache_root(self) -> str:
+        """``features.cache_root`` (read by the deployments)."""
+        return self.features.cache_root
+
+    @property
+    def cache_memory_bytes(self) -> int:
+        """``features.cache_memory_bytes``."""
+        return self.features.cache_memory_bytes
+
+    @property
+    def cache_storage_dtype(self) -> str:
+        """``features.cache_storage_dtype``."""
+        return self.features.cache_storage_dtype
+
+    @property
+    def fps(self) -> float:
+        """``features.fps``."""
+        return self.features.fps
+
+    @property
+    def max_frames(self) -> int:
+        """``features.max_frames``."""
+        return self.features.max_frames
+
     def feature_settings(self) -> FeatureSettings:
         """Sampling and limits for :class:`~d2vlm_ray.serving.core.FeatureService`."""
         return FeatureSettings(
-            fps=self.fps,
-            max_frames=self.max_frames,
+            fps=self.features.fps,
+            max_frames=self.features.max_frames,
             max_duration_s=self.max_video_duration_s,
-            max_missing_frames_fraction=self.max_missing_frames_fraction,
+            max_missing_frames_fraction=self.features.max_missing_frames_fraction,
         )
 
     def validation_context(self, *, upload: bool) -> dict[str, Any]:

@@ -19,6 +19,7 @@ a ``DecodeState`` value), so one service may run several batches from several th
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -37,13 +38,11 @@ from d2vlm_ray.cache import (
     DEFAULT_MAX_MISSING_FRAMES_FRACTION,
     CachedFeatures,
     FeatureCache,
-    check_missing_fraction,
-    feature_key,
-    video_sha256,
+    FeatureSource,
+    FeatureSpec,
 )
-from d2vlm_ray.cache.features import encode_video
 from d2vlm_ray.config.schema import DecodeSettings, ModelConfig
-from d2vlm_ray.data.video import VideoDecodeError, check_missing_frames, decode_video
+from d2vlm_ray.data.video import VideoDecodeError
 from d2vlm_ray.model.builders import Tokenizers
 from d2vlm_ray.model.checkpoint import CONFIG_NAME, FORMAT, from_pretrained, load_frame_encoder
 from d2vlm_ray.model.d2vlm import D2VLM
@@ -95,6 +94,15 @@ class FeatureSettings:
     max_frames: int | None = 128
     max_duration_s: float | None = None
     max_missing_frames_fraction: float = DEFAULT_MAX_MISSING_FRAMES_FRACTION
+
+    def spec(self, cache_root: str = "") -> FeatureSpec:
+        """The shared :class:`FeatureSpec` these settings sample under (``max_duration_s`` is a request limit)."""
+        return FeatureSpec(
+            fps=self.fps,
+            max_frames=int(self.max_frames or 0),
+            max_missing_frames_fraction=self.max_missing_frames_fraction,
+            cache_root=cache_root,
+        )
 
 
 @dataclass
@@ -170,9 +178,9 @@ class FeatureService:
         self.encoder = encoder
         self.cache = cache
         self.settings = settings
+        self.source = FeatureSource(encoder, settings.spec(cache.root if cache is not None else ""), cache=cache)
         self._counters: Counter[str] = Counter()
         self._lock = threading.Lock()
-        self._key_locks: dict[str, threading.Lock] = {}
 
     @classmethod
     def from_checkpoint(
@@ -202,16 +210,11 @@ class FeatureService:
     def counters(self) -> dict[str, Any]:
         """``decodes``, ``encodes``, ``frames_encoded``, ``requests``, ``cache_hits`` and the cache's own stats."""
         with self._lock:
-            out: dict[str, Any] = {
-                name: int(self._counters[name])
-                for name in ("requests", "cache_hits", "decodes", "encodes", "frames_encoded")
-            }
+            out: dict[str, Any] = {name: int(self._counters[name]) for name in ("requests", "cache_hits")}
+        made = self.source.counters()
+        out.update({name: made[name] for name in ("decodes", "encodes", "frames_encoded")})
         out["cache"] = self.cache.stats() if self.cache is not None else {}
         return out
-
-    def _key_lock(self, digest: str) -> threading.Lock:
-        with self._lock:
-            return self._key_locks.setdefault(digest, threading.Lock())
 
     def _check_duration(self, duration_s: float) -> None:
         limit = self.settings.max_duration_s
@@ -234,43 +237,25 @@ class FeatureService:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         try:
-            sha = video_sha256(source)
+            sha = self.source.sha256(source)
         except FileNotFoundError:
             raise BadVideo("video: no such file", reason="not_found") from None
         except OSError as exc:
             raise BadVideo(f"video: cannot read it ({type(exc).__name__})", reason="unreadable") from None
         timings["hash"] = _ms(start)
-        s = self.settings
-        key = feature_key(self.encoder, sha, s.fps, s.max_frames)
-        with self._key_lock(key.digest()):
-            start = time.perf_counter()
-            found = self.cache.get(key) if self.cache is not None else None
-            timings["cache_read"] = _ms(start)
-            if found is not None:
-                self._count(cache_hits=1)
-                self._check_duration(found.duration_s)
-                try:
-                    check_missing_fraction(found, s.max_missing_frames_fraction, source)
-                except VideoDecodeError as exc:
-                    raise _decode_error(exc) from None
-                return FeatureResult(key, found, True, timings)
-            start = time.perf_counter()
-            try:
-                decoded = decode_video(source, s.fps, max_frames=s.max_frames, max_duration_s=s.max_duration_s)
-                self._count(decodes=1)
-                check_missing_frames(decoded, s.max_missing_frames_fraction, source)
-            except VideoDecodeError as exc:
-                raise _decode_error(exc) from None
-            timings["decode"] = _ms(start)
-            start = time.perf_counter()
-            feats = encode_video(self.encoder, decoded, source)
-            self._count(encodes=1, frames_encoded=feats.num_frames)
-            timings["encode"] = _ms(start)
-            if self.cache is not None:
-                start = time.perf_counter()
-                feats = self.cache.put(key, feats)
-                timings["cache_write"] = _ms(start)
-        return FeatureResult(key, feats, False, timings)
+        return self._features(source, sha, timings)
+
+    def _features(self, source: str, sha: str, timings: dict[str, float]) -> FeatureResult:
+        try:
+            result = self.source.features_of(
+                source, sha, max_duration_s=self.settings.max_duration_s, timings_ms=timings
+            )
+        except VideoDecodeError as exc:
+            raise _decode_error(exc) from None
+        if result.cache_hit:
+            self._count(cache_hits=1)
+            self._check_duration(result.features.duration_s)
+        return FeatureResult(result.key, result.features, result.cache_hit, timings)
 
     def features_from_bytes(self, data: bytes, suffix: str = ".mp4") -> FeatureResult:
         """Features of an uploaded video: written to a private temp file, processed, removed.
@@ -284,7 +269,9 @@ class FeatureService:
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
-            return self.features(path)
+            self._count(requests=1)
+            # The bytes are at hand: hash them here rather than record a temp path in the manifest.
+            return self._features(path, hashlib.sha256(data).hexdigest(), {})
         finally:
             with contextlib.suppress(OSError):
                 os.remove(path)
@@ -298,7 +285,7 @@ class FeatureService:
         found = self.cache.get(ref.key) if self.cache is not None else None
         if found is None:
             raise FeaturesUnavailable(
-                "features are not in the shared cache (is cache_root shared by every replica?)", retry_after_s=1
+                "features are not in the shared cache (is features.cache_root shared by every replica?)", retry_after_s=1
             )
         return found
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from d2vlm_ray.cache.spec import FeatureSpec
 from d2vlm_ray.config.load import ConfigError, from_dict
 from d2vlm_ray.config.schema import ModelConfig
 
@@ -41,14 +42,8 @@ class DataSettings:
         val: ``evi.json`` of the validation split for the grounding eval ("" = none).
         val_pairs: FPO only: Parquet of held-out pairs for preference accuracy ("" = none).
         video_root: Folder or URL prefix that relative video paths are joined to.
-        cache_dir: Root (path or fsspec URL) of the shared feature cache. Features found
-            there are used as they are; a miss is decoded and encoded on the fly and
-            written back. "" = no cache (every sample is decoded; slow).
-        cache_memory_bytes: In-process tier of the feature cache per worker.
         decode_on_miss: Decode and encode a video whose features are not cached; when
-            false a miss raises :class:`d2vlm_ray.train.data.FeatureMissingError`.
-        fps: Frame sampling rate (official 1).
-        max_frames: Frame cap per video (0 = none).
+            false a miss raises :class:`d2vlm_ray.cache.FeatureMissingError`.
         tasks: Keep only these task codes (SFT; empty = all).
         task_repeats: SFT: how many times each record of a task appears per epoch
             (e.g. ``{gqa: 2}`` oversamples a task that is rare in the annotations); tasks
@@ -61,11 +56,7 @@ class DataSettings:
     val: str = ""
     val_pairs: str = ""
     video_root: str = ""
-    cache_dir: str = ""
-    cache_memory_bytes: int = 512 << 20
     decode_on_miss: bool = True
-    fps: float = 1.0
-    max_frames: int = 0
     tasks: list[str] = field(default_factory=list)
     task_repeats: dict[str, int] = field(default_factory=dict)
     max_samples: int = 0
@@ -202,6 +193,10 @@ class TrainJobConfig:
         seed: Seed of the initial model (``tiny``) and of the data order.
         model: Architecture for ``init_from: tiny``; ``model.lora`` always applies.
         data: Inputs.
+        features: Sampling, partial-decode policy and feature cache (the spec every job and
+            Serve share). Features found in ``features.cache_root`` are used as they are; a
+            miss is decoded and encoded on the fly and written back ("" = no cache: every
+            sample is decoded; slow).
         optim: Optimizer and schedule.
         loss: Loss weights.
         scaling: Workers and DeepSpeed.
@@ -219,6 +214,7 @@ class TrainJobConfig:
     seed: int = 0
     model: ModelConfig = field(default_factory=_tiny_model)
     data: DataSettings = field(default_factory=DataSettings)
+    features: FeatureSpec = field(default_factory=lambda: FeatureSpec(cache_memory_bytes=512 << 20))
     optim: OptimSettings = field(default_factory=OptimSettings)
     loss: LossSettings = field(default_factory=LossSettings)
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
@@ -238,10 +234,12 @@ class TrainJobConfig:
             raise ConfigError(f"init_from: 'tiny' needs model.preset 'tiny', got {self.model.preset!r}")
         if not self.data.train:
             raise ConfigError("data.train: no training data given")
-        if self.data.fps <= 0:
-            raise ConfigError("data.fps must be > 0")
-        if self.data.max_frames < 0 or self.data.max_samples < 0:
-            raise ConfigError("data.max_frames and data.max_samples must be >= 0")
+        try:
+            self.features.validate()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.data.max_samples < 0:
+            raise ConfigError("data.max_samples must be >= 0")
         for task, repeats in self.data.task_repeats.items():
             if repeats < 1:
                 raise ConfigError(f"data.task_repeats.{task}: expected a whole number >= 1, got {repeats!r}")

@@ -4,15 +4,17 @@ Nothing here imports Ray. The Ray side (``trainer.py``) ships the rows produced 
 through Ray Data and calls the collators on each worker.
 
 **The feature join.** Rows carry video paths, never frames. A worker's collator asks
-:class:`FeatureSource` for each video's frame-encoder features: a cache hit (in-process
-LRU, then the shared store) is used as it is, so no video is decoded in the training
-loop once the cache is built; a miss falls back to decoding and encoding on the fly via
-:func:`d2vlm_ray.cache.features_for_video`, which also writes the entry for next time.
+:class:`TrainingFeatures` for each video's frame-encoder features, which asks the shared
+:class:`d2vlm_ray.cache.FeatureSource` (the one used by the cache build, evaluation and
+Serve): a cache hit (in-process LRU, then the shared store) is used as it is, so no video
+is decoded in the training loop once the cache is built; a miss falls back to decoding
+and encoding on the fly, which also writes the entry for next time. Videos are hashed
+through the manifest under the cache root, so a remote video is not streamed per step.
 The frame encoder for that fallback is loaded lazily from the initial checkpoint, in
 float32, so on-the-fly features equal the cached ones and land under the same key.
 
 **Partial decodes.** Features of a video whose decode lost frames carry the decoder's
-warnings (from the cache entry on a hit). :class:`FeatureSource` logs them once per
+warnings (from the cache entry on a hit). :class:`TrainingFeatures` logs them once per
 video and counts such videos (``feature_partial_videos`` in its stats); a decode that
 lost more than ``max_missing_frames_fraction`` of its frames raises ``partial_decode``.
 """
@@ -30,15 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from d2vlm_ray.cache import (
-    DEFAULT_MAX_MISSING_FRAMES_FRACTION,
-    CachedFeatures,
-    FeatureCache,
-    check_missing_fraction,
-    feature_key,
-    features_for_video,
-    video_sha256,
-)
+from d2vlm_ray.cache import CachedFeatures, FeatureMissingError, FeatureSource
 from d2vlm_ray.data.annotations import read_evi_json
 from d2vlm_ray.model.builders import Tokenizers
 from d2vlm_ray.model.inputs import D2VLMBatch, build_batch
@@ -48,10 +42,6 @@ from d2vlm_ray.types import PreferencePair, VideoRecord
 FeatureFn = Callable[[str], CachedFeatures]
 
 logger = logging.getLogger(__name__)
-
-
-class FeatureMissingError(LookupError):
-    """A video's features are not in the cache and on-the-fly decoding is switched off."""
 
 
 def resolve_video(video: str, video_root: str) -> str:
@@ -122,70 +112,32 @@ class LazyFrameEncoder:
         return self._encoder.encode(frames)
 
 
-class FeatureSource:
-    """Features of a video by path: cache first, decode + encode on a miss.
+class TrainingFeatures:
+    """Features of a video by path for the collators, through the shared :class:`FeatureSource`.
 
     Args:
-        encoder: Frame encoder (its ids key the cache; it only runs on a miss).
-        cache: The shared feature cache, or ``None`` to always decode.
-        fps: Sampling rate.
-        max_frames: Frame cap (0 = none).
+        source: The feature source (encoder, :class:`~d2vlm_ray.cache.FeatureSpec`, cache, manifest).
         decode_on_miss: Decode on a miss; when false, a miss raises :class:`FeatureMissingError`.
-        max_missing_frames_fraction: Largest share of a video's sampled frames its decode
-            may lose (checked on hits too); beyond it ``VideoDecodeError("partial_decode")``.
     """
 
-    def __init__(
-        self,
-        encoder: Any,
-        cache: FeatureCache | None,
-        *,
-        fps: float = 1.0,
-        max_frames: int = 0,
-        decode_on_miss: bool = True,
-        max_missing_frames_fraction: float = DEFAULT_MAX_MISSING_FRAMES_FRACTION,
-    ) -> None:
-        self.encoder = encoder
-        self.cache = cache
-        self.fps = fps
-        self.max_frames = max_frames or None
+    def __init__(self, source: FeatureSource, *, decode_on_miss: bool = True) -> None:
+        self.source = source
         self.decode_on_miss = decode_on_miss
-        self.max_missing_frames_fraction = max_missing_frames_fraction
         self.hits = 0
         self.misses = 0
         self.partial_videos: dict[str, list[str]] = {}
 
     def __call__(self, video: str) -> CachedFeatures:
-        feats = self._features(video)
+        result = self.source.features(video, decode_on_miss=self.decode_on_miss)
+        if result.cache_hit:
+            self.hits += 1
+        else:
+            self.misses += 1
+        feats = result.features
         if feats.warnings and video not in self.partial_videos:
             # Once per video: a training run reads each video every epoch.
             self.partial_videos[video] = list(feats.warnings)
             logger.warning("features of %s come from a partial decode: %s", video, "; ".join(feats.warnings))
-        return feats
-
-    def _features(self, video: str) -> CachedFeatures:
-        if self.cache is not None and not self.decode_on_miss:
-            key = feature_key(self.encoder, video_sha256(video), self.fps, self.max_frames)
-            found = self.cache.get(key)
-            if found is None:
-                raise FeatureMissingError(
-                    f"no cached features for {video!r} (key {key.digest()[:12]}, encoder {key.encoder_id}); "
-                    "build the feature cache first or set data.decode_on_miss=true"
-                )
-            self.hits += 1
-            return check_missing_fraction(found, self.max_missing_frames_fraction, video)
-        feats, hit = features_for_video(
-            self.cache,
-            self.encoder,
-            video,
-            fps=self.fps,
-            max_frames=self.max_frames,
-            max_missing_frames_fraction=self.max_missing_frames_fraction,
-        )
-        if hit:
-            self.hits += 1
-        else:
-            self.misses += 1
         return feats
 
     def stats(self) -> dict[str, float]:

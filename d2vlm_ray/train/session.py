@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from d2vlm_ray.cache import FeatureCache
+from d2vlm_ray.cache import FeatureSource
 from d2vlm_ray.config.schema import ModelConfig
 from d2vlm_ray.model.builders import Tokenizers
 from d2vlm_ray.model.d2vlm import D2VLM
@@ -29,7 +29,6 @@ from d2vlm_ray.train.checkpointing import (
 )
 from d2vlm_ray.train.config import TrainJobConfig
 from d2vlm_ray.train.data import (
-    FeatureSource,
     LazyFrameEncoder,
     PairCollate,
     SFTCollate,
@@ -39,6 +38,7 @@ from d2vlm_ray.train.data import (
     pairs_from_rows,
     record_id,
     records_from_rows,
+    TrainingFeatures,
 )
 from d2vlm_ray.train.evaluation import grounding_eval, preference_stats, select_eval_records
 from d2vlm_ray.train.loop import Engine, LoopPlan, TrainerState, plan_total_steps, warmup_steps
@@ -63,10 +63,10 @@ def resolve_paths(cfg: TrainJobConfig) -> TrainJobConfig:
         val=absolute(cfg.data.val),
         val_pairs=absolute(cfg.data.val_pairs),
         video_root=absolute(cfg.data.video_root),
-        cache_dir=absolute(cfg.data.cache_dir),
     )
+    features = replace(cfg.features, cache_root=absolute(cfg.features.cache_root))
     init_from = cfg.init_from if cfg.init_from == "tiny" else absolute(cfg.init_from)
-    return replace(cfg, data=data, init_from=init_from, output_dir=absolute(cfg.output_dir))
+    return replace(cfg, data=data, features=features, init_from=init_from, output_dir=absolute(cfg.output_dir))
 
 
 def run_dir_of(cfg: TrainJobConfig) -> Path:
@@ -152,7 +152,7 @@ class Session:
     items: list[Any]
     collate: Callable[[list[Any]], Any]
     item_id: Callable[[Any], str]
-    features: FeatureSource
+    features: TrainingFeatures
     val_records: list[Any] = field(default_factory=list)
     val_pairs: list[Any] = field(default_factory=list)
     vision_state: dict[str, torch.Tensor] | None = None
@@ -256,10 +256,7 @@ def build_session(
     init_dir = Path(init_dir)
     model, tokenizers, model_cfg = load_model(init_dir, cfg.model.lora)
     encoder = LazyFrameEncoder.from_model(model, frame_encoder_dir(init_dir), model_cfg.vision.image_size)
-    cache = FeatureCache(cfg.data.cache_dir, memory_bytes=cfg.data.cache_memory_bytes) if cfg.data.cache_dir else None
-    features = FeatureSource(
-        encoder, cache, fps=cfg.data.fps, max_frames=cfg.data.max_frames, decode_on_miss=cfg.data.decode_on_miss
-    )
+    features = TrainingFeatures(FeatureSource(encoder, cfg.features), decode_on_miss=cfg.data.decode_on_miss)
     items = training_items(cfg, stage, rows)
     val_records: list[Any] = []
     val_pairs: list[Any] = []
