@@ -67,7 +67,8 @@ def fault_app(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> It
     videos.mkdir()
     write_barcode_clip(videos / "a.mp4", fps=4, duration_s=4)
     config = yaml.safe_load((REPO / "serve" / "test.yaml").read_text())["applications"][0]
-    args = dict(config["args"], checkpoint_dir=str(ckpt), cache_root=str(root / "cache"), media_roots=[str(videos)])
+    features = dict(config["args"].get("features", {}), cache_root=str(root / "cache"))
+    args = dict(config["args"], checkpoint_dir=str(ckpt), features=features, media_roots=[str(videos)])
     options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in config["deployments"]}
     for name in ("Grounder", "Answerer"):
         # Requests wait this long inside the replica for a batch to fill, so a kill lands on work in flight.
@@ -217,7 +218,7 @@ def _ingress(tmp_path: Path, **overrides: Any) -> Any:
     written = next(c for c in Ingress.func_or_class.__mro__ if "_call" in vars(c))
     ingress = object.__new__(written)
     ingress.args = ServeArgs.model_validate(
-        {"checkpoint_dir": str(tmp_path), "cache_root": str(tmp_path), **overrides}
+        {"checkpoint_dir": str(tmp_path), "features": {"cache_root": str(tmp_path)}, **overrides}
     )
     ingress._replacing = set()
     return ingress
