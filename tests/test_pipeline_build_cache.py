@@ -208,7 +208,7 @@ def test_pipeline_lists_partial_decodes_with_their_warnings(ray_cluster: None, b
         return {Path(r["source"]).name: r for r in rows}
 
     # A policy that accepts any loss: the damaged file is computed from what could be decoded.
-    lenient = build_cache(_cfg(bench, tmp_path, manifest, "max_missing_frames_fraction=1.0"))
+    lenient = build_cache(_cfg(bench, tmp_path, manifest, "features.max_missing_frames_fraction=1.0"))
     assert (lenient["videos"], lenient["computed"], lenient["partial"], lenient["failed"]) == (3, 1, 1, 1)
     assert set(lenient["failed_by_reason"]) <= {"corrupt", "no_video_stream"}
     listed = failures()
@@ -216,7 +216,7 @@ def test_pipeline_lists_partial_decodes_with_their_warnings(ray_cluster: None, b
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["partial"] == 1
 
     # A rerun under the default policy still lists the cached partial entry, or refuses it when it lost too much.
-    strict = build_cache(_cfg(bench, tmp_path, manifest, "max_missing_frames_fraction=0.1"))
+    strict = build_cache(_cfg(bench, tmp_path, manifest, "features.max_missing_frames_fraction=0.1"))
     assert (strict["computed"], strict["partial"], strict["decoded"]) == (0, 0, 1)  # only bad.mp4 is decoded again
     listed = failures()
     assert listed["damaged.mp4"]["warnings"] == decoded.warnings
