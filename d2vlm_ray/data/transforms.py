@@ -45,7 +45,10 @@ def _as_uint8_tensor(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
     if isinstance(frames, np.ndarray):
         if frames.dtype != np.uint8:
             raise ValueError(f"frames must be uint8, got dtype {frames.dtype}")
-        tensor = torch.from_numpy(np.ascontiguousarray(frames))
+        # Arrays read zero-copy from Ray's object store are read-only, and torch warns about
+        # wrapping those; copy them (uint8, far smaller than the float copy made next).
+        writable = frames.flags.writeable and frames.flags.c_contiguous
+        tensor = torch.from_numpy(frames if writable else np.array(frames, order="C"))
     elif isinstance(frames, torch.Tensor):
         if frames.dtype != torch.uint8:
             raise ValueError(f"frames must be uint8, got dtype {frames.dtype}")
