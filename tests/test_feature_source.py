@@ -90,6 +90,21 @@ def test_a_cap_the_video_does_not_reach_shares_the_uncapped_entry(clips: dict[st
     assert FeatureSource(encoder, FeatureSpec(max_frames=5, cache_root=root)).find(built.key.video_sha256) is None
 
 
+def test_a_capped_reader_does_not_download_an_uncapped_entry_it_cannot_use(
+    clips: dict[str, Path], tmp_path: Path
+) -> None:
+    """The frame count comes from the sidecar; the 10-frame entry is never read for a cap of 4."""
+    root, video = str(tmp_path / "cache"), str(clips["ten"])
+    encoder = CountingEncoder()
+    FeatureSource(encoder, FeatureSpec(max_frames=0, cache_root=root)).features(video)
+    capped = FeatureSource(encoder, FeatureSpec(max_frames=4, cache_root=root))
+    capped.features(video)  # miss: decodes and writes the capped entry
+    fresh = FeatureSource(encoder, FeatureSpec(max_frames=4, cache_root=root))  # a new process's cache
+    assert fresh.features(video).cache_hit
+    stats = fresh.cache.stats()
+    assert stats["hits_shared"] == 1 and stats["memory_entries"] == 1
+
+
 def test_entries_under_the_old_configured_cap_key_are_still_read(clips: dict[str, Path], tmp_path: Path) -> None:
     root, video = str(tmp_path / "cache"), str(clips["six"])
     encoder = CountingEncoder()
@@ -237,4 +252,4 @@ def test_configs_of_the_old_layout_say_where_each_key_went() -> None:
         ServeArgs.model_validate({"checkpoint_dir": "x", "cache_root": "c", "max_frames": 128})
     with pytest.raises(ValueError, match="max_frames must be >= 1"):
         ServeArgs.model_validate({"checkpoint_dir": "x", "features": {"cache_root": "c", "max_frames": 0}})
-    assert ServeArgs.model_validate({"checkpoint_dir": "x", "features": {"cache_root": "c"}}).max_frames == 128
+    assert ServeArgs.model_validate({"checkpoint_dir": "x", "features": {"cache_root": "c"}}).features.max_frames == 128

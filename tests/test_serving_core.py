@@ -189,7 +189,7 @@ def test_serve_configs_are_valid(name: str) -> None:
 def test_serve_args_resolve_paths_and_explain_missing_checkpoint(tmp_path: Path, assets: dict[str, Path]) -> None:
     args = ServeArgs.load({"checkpoint_dir": str(assets["random"]), "features": {"cache_root": "cache"}, "media_roots": ["v"]},
                           base_dir=str(tmp_path))
-    assert args.cache_root == str(tmp_path / "cache") and args.media_roots == [str(tmp_path / "v")]
+    assert args.features.cache_root == str(tmp_path / "cache") and args.media_roots == [str(tmp_path / "v")]
     with pytest.raises(FileNotFoundError, match="init_checkpoint") as info:
         ServeArgs.load({"checkpoint_dir": "missing/ckpt", "features": {"cache_root": "c"}, "preset": "tiny"}, base_dir=str(tmp_path))
     assert "does not exist" in str(info.value)
@@ -385,3 +385,20 @@ def compute_features_(encoder: Any, source: str, fps: float = 1.0, max_frames: i
     """Decode and encode a video with no cache involved."""
     spec = FeatureSpec(fps=fps, max_frames=max_frames)
     return FeatureSource(encoder, spec, cache=None).features(source).features
+
+
+def test_feature_service_enforces_the_cache_quota(tmp_path: Path, assets: dict[str, Path]) -> None:
+    """The server's only cache writer applies ``features.cache_quota_bytes`` (it used to ignore it)."""
+    videos = assets["videos"]
+    settings = FeatureSettings(fps=1.0, max_frames=16, max_duration_s=10.0)
+    root = str(tmp_path / "cache")
+    unbounded = FeatureService.from_checkpoint(assets["random"], cache_root=root, settings=settings)
+    unbounded.features(str(videos / "a.mp4"))
+    one_entry_bytes = unbounded.cache.store.used_bytes()
+    bounded = FeatureService.from_checkpoint(
+        assets["random"], cache_root=root, settings=settings, cache_quota_bytes=one_entry_bytes
+    )
+    assert bounded.cache.quota_bytes == one_entry_bytes
+    bounded.features(str(videos / "b.mp4"))
+    assert bounded.cache.stats()["shared_evictions"] >= 1
+    assert bounded.cache.store.used_bytes() <= one_entry_bytes

@@ -171,31 +171,6 @@ class ServeArgs(BaseModel):
             message += " Point checkpoint_dir at a trained d2vlm_ray checkpoint (jobs write them under runs/)."
         raise FileNotFoundError(message)
 
-    @property
-    def cache_root(self) -> str:
-        """``features.cache_root`` (read by the deployments)."""
-        return self.features.cache_root
-
-    @property
-    def cache_memory_bytes(self) -> int:
-        """``features.cache_memory_bytes``."""
-        return self.features.cache_memory_bytes
-
-    @property
-    def cache_storage_dtype(self) -> str:
-        """``features.cache_storage_dtype``."""
-        return self.features.cache_storage_dtype
-
-    @property
-    def fps(self) -> float:
-        """``features.fps``."""
-        return self.features.fps
-
-    @property
-    def max_frames(self) -> int:
-        """``features.max_frames``."""
-        return self.features.max_frames
-
     def feature_settings(self) -> FeatureSettings:
         """Sampling and limits for :class:`~d2vlm_ray.serving.core.FeatureService`."""
         return FeatureSettings(

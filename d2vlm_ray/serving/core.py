@@ -193,11 +193,21 @@ class FeatureService:
         dtype: str = "float32",
         cache_memory_bytes: int = 256 << 20,
         cache_storage_dtype: str = "float16",
+        cache_quota_bytes: int = 0,
     ) -> FeatureService:
-        """Load only the frame encoder of a checkpoint and open the cache at ``cache_root``."""
+        """Load only the frame encoder of a checkpoint and open the cache at ``cache_root``.
+
+        ``cache_quota_bytes`` (0 = unbounded) is enforced on every write, as in the jobs:
+        this service is the server's only cache writer.
+        """
         encoder = load_frame_encoder(ckpt_dir, device=resolve_device(device), dtype=DTYPES[dtype])
         cache = (
-            FeatureCache(cache_root, memory_bytes=cache_memory_bytes, storage_dtype=cache_storage_dtype)
+            FeatureCache(
+                cache_root,
+                memory_bytes=cache_memory_bytes,
+                storage_dtype=cache_storage_dtype,
+                quota_bytes=cache_quota_bytes or None,
+            )
             if cache_root
             else None
         )

@@ -243,12 +243,13 @@ class FrameEncoder:
         self.media = MediaPolicy.create(self.args.media_roots, self.args.allowed_url_schemes)
         self.service = FeatureService.from_checkpoint(
             self.args.checkpoint_dir,
-            cache_root=self.args.cache_root,
+            cache_root=self.args.features.cache_root,
             settings=self.args.feature_settings(),
             device=self.args.device,
             dtype=self.args.encoder_dtype,
-            cache_memory_bytes=self.args.cache_memory_bytes,
-            cache_storage_dtype=self.args.cache_storage_dtype,
+            cache_memory_bytes=self.args.features.cache_memory_bytes,
+            cache_storage_dtype=self.args.features.cache_storage_dtype,
+            cache_quota_bytes=self.args.features.cache_quota_bytes,
         )
 
     async def features(self, video: str, deadline_unix_s: float | None = None) -> FeatureRef:
@@ -294,9 +295,9 @@ class Grounder(_BatchedModel):
             self.args.checkpoint_dir, dtype=self.args.dtype, device=self.args.device
         )
         self.cache = FeatureCache(
-            self.args.cache_root,
-            memory_bytes=self.args.cache_memory_bytes,
-            storage_dtype=self.args.cache_storage_dtype,
+            self.args.features.cache_root,
+            memory_bytes=self.args.features.cache_memory_bytes,
+            storage_dtype=self.args.features.cache_storage_dtype,
         )
         self._init_batching()
 
@@ -799,8 +800,8 @@ class Ingress:
             preset=self.preset,
             encoder_id=self._encoder_info["encoder_id"],
             dtype=a.dtype,
-            fps=a.fps,
-            max_frames=a.max_frames,
+            fps=a.features.fps,
+            max_frames=a.features.max_frames,
             max_video_duration_s=a.max_video_duration_s,
             max_new_tokens=a.max_new_tokens,
             max_grounding_tokens=a.max_grounding_tokens,
