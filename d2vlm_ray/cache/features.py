@@ -87,6 +87,11 @@ class _MemoryItem:
         return int(self.patches.nbytes + self.timestamps_s.nbytes)
 
 
+def sidecar_n_sampled(sidecar: dict[str, Any]) -> int:
+    """Sampled frames of a stored entry (encoded rows plus missing ones), from its sidecar alone."""
+    return int((sidecar.get("shape") or [0])[0]) + len(sidecar.get("missing_timestamps_s") or [])
+
+
 def feature_key(encoder: FrameEncoder, sha256: str, fps: float = 1.0, max_frames: int | None = None) -> FeatureKey:
     """The cache key of a video's features under ``encoder`` at ``fps`` / ``max_frames``."""
     return FeatureKey(
@@ -260,6 +265,23 @@ class FeatureCache:
         self.store.touch(digest)
         self._remember(digest, item)
         return self._to_features(item)
+
+    def sampled_frames(self, key: FeatureKey) -> int | None:
+        """Sampled frames (encoded plus missing) of the entry at ``key`` without reading its data.
+
+        From the memory tier, else from the sidecar; ``None`` when there is no sealed entry
+        (a malformed sidecar included: the next :meth:`get` counts and recomputes it).
+        """
+        digest = key.digest()
+        with self._lock:
+            item = self._memory.get(digest)
+        if item is not None:
+            return int(len(item.timestamps_s)) + len(item.missing_timestamps_s)
+        try:
+            sidecar = self.store.read_sidecar(digest)
+        except CorruptEntryError:
+            return None
+        return None if sidecar is None else sidecar_n_sampled(sidecar)
 
     def contains(self, key: FeatureKey) -> bool:
         """Whether a sealed entry exists (sidecar plus a data file of the recorded size).

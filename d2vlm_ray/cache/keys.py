@@ -37,6 +37,17 @@ def _local_path(source: str) -> str | None:
     return None
 
 
+def local_file_stat(path: str) -> os.stat_result:
+    """``os.stat`` of a local video file; a missing path or a directory is ``FileNotFoundError``."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file {path!r}") from None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"not a file {path!r}")
+    return st
+
+
 def stream_sha256(source: str) -> str:
     """sha256 hex digest of all the bytes of ``source``, read in 8 MiB chunks (no memo).
 
@@ -95,12 +106,7 @@ def video_sha256(source: str) -> str:
     local = _local_path(source)
     memo_key: tuple[str, int, int] | None = None
     if local is not None:
-        try:
-            st = os.stat(local)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"video_sha256: no such file {source!r}") from None
-        if not os.path.isfile(local):
-            raise FileNotFoundError(f"video_sha256: not a file {source!r}")
+        st = local_file_stat(local)
         memo_key = (os.path.abspath(local), st.st_size, st.st_mtime_ns)
         with _memo_lock:
             if memo_key in _memo:

@@ -37,7 +37,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from d2vlm_ray.cache.keys import stream_sha256
+from d2vlm_ray.cache.keys import local_file_stat, stream_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +86,7 @@ def object_identity(source: str) -> tuple[int, str]:
         FileNotFoundError: If the video does not exist or is a directory.
     """
     if "://" not in source:
-        try:
-            st = os.stat(source)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no such file {source!r}") from None
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"not a file {source!r}")
+        st = local_file_stat(source)
         return int(st.st_size), f"mtime_ns:{st.st_mtime_ns}"
     fs, path = fsspec.core.url_to_fs(source)
     try:

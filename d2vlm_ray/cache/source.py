@@ -33,6 +33,7 @@ from d2vlm_ray.cache.features import (
     FeatureCache,
     check_missing_fraction,
     encode_video,
+    sidecar_n_sampled,
 )
 from d2vlm_ray.cache.manifest import VideoManifest, manifest_root
 from d2vlm_ray.cache.spec import FeatureSpec
@@ -73,19 +74,21 @@ def _serves(key: FeatureKey, n_sampled: int, spec: FeatureSpec) -> bool:
     return not spec.max_frames or n_sampled <= spec.max_frames
 
 
-def sidecar_n_sampled(sidecar: dict[str, Any]) -> int:
-    """Sampled frames of a stored entry (encoded rows plus missing ones), from its sidecar alone."""
-    return int((sidecar.get("shape") or [0])[0]) + len(sidecar.get("missing_timestamps_s") or [])
-
-
 def find_entry(
     cache: FeatureCache, sha256: str, spec: FeatureSpec, transform_id: str, encoder_id: str
 ) -> tuple[FeatureKey, CachedFeatures] | None:
     """The cached entry a reader with ``spec`` reads for a video, with its key, or ``None``."""
     keys = lookup_keys(sha256, spec, transform_id, encoder_id)
     for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if not last:
+            # A capped reader's first probe is the uncapped entry, which may hold more frames
+            # than its cap: decide from the frame count before downloading (and caching) it.
+            n_sampled = cache.sampled_frames(key)
+            if n_sampled is None or not _serves(key, n_sampled, spec):
+                continue
         # Only the last probe's miss is a miss of this look-up.
-        found = cache.get(key, count_miss=i == len(keys) - 1)
+        found = cache.get(key, count_miss=last)
         if found is not None and _serves(key, found.n_sampled, spec):
             return key, found
     return None
