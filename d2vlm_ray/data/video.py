@@ -307,10 +307,11 @@ def _open_container(src: _Source) -> Any:
     except (av.error.DemuxerNotFoundError, av.error.DecoderNotFoundError) as exc:
         raise VideoDecodeError("unsupported", str(exc), src.name) from exc
     except av.error.ArgumentError as exc:
-        # EINVAL at open time is FFmpeg's "Format not on whitelist": the probe recognised
-        # a demuxer that is not allowed (a playlist, concat list, image pattern, ...).
+        # EINVAL at open time is FFmpeg's "not on whitelist": the probe recognised a demuxer
+        # that is not allowed (a playlist, concat list, image pattern, ...), or the path asks
+        # for a protocol other than ``file`` (``concat:``, ``subfile,...:``).
         raise VideoDecodeError(
-            "unsupported", f"the container format is not one of the allowed video formats: {exc}", src.name
+            "unsupported", f"not an allowed container format or protocol: {exc}", src.name
         ) from exc
     except av.error.FFmpegError as exc:
         raise VideoDecodeError("corrupt", f"cannot open the container: {exc}", src.name) from exc
