@@ -102,7 +102,7 @@ def test_ptb_tokenize_matches_pycocoevalcap_tokenizer() -> None:
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     texts = ["Pour it into a.", "put a tortilla on the plate </evi>", "Add U.S. cheddar, don't stir!",
-             " spread the beans.", "", "two\\nlines", "crack 2 eggs (refried) -- well-known"]
+             " spread the beans.", "", "two\nlines", "crack 2 eggs (refried) -- well-known"]
     official = PTBTokenizer().tokenize({str(i): [{"caption": t}] for i, t in enumerate(texts)})
     assert coco.ptb_tokenize(texts) == [official[str(i)][0] for i in range(len(texts))]
     assert [ptb_normalize(t) for t in texts[:2]] != coco.ptb_tokenize(texts[:2])

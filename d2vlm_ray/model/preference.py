@@ -192,14 +192,15 @@ def _fork_prefix(prefix: PrefixResult) -> PrefixResult:
     )
 
 
-def pair_forward(model: D2VLM, batch: PairBatch, *, alpha: float | None = None) -> PairOutput:
+def pair_forward(model: D2VLM, batch: PairBatch) -> PairOutput:
     """Score chosen and rejected responses of every pair, encoding each video once.
 
     Args:
         model: The D2VLM (possibly peft-wrapped LLM inside).
         batch: From :func:`build_pair_batch`.
-        alpha: Soft-target base of the grounding log-likelihood; ``None`` (the default)
-            takes the model's own (``model.alpha``, from its config).
+
+    The grounding log-likelihood scores against the model's own soft-target base
+    (``model.alpha``, from its config).
 
     Returns:
         Per-branch summed log-probs and the chosen branch's SFT tensors.
@@ -232,7 +233,7 @@ def pair_forward(model: D2VLM, batch: PairBatch, *, alpha: float | None = None) 
         ev_logits.append(logits_r)
         ev_queries.append(queries)
         ev_spans.append(spans_r)
-        ground_logp.append(grounding_loglik(logits_r, pos_r, model.alpha if alpha is None else alpha))
+        ground_logp.append(grounding_loglik(logits_r, pos_r, model.alpha))
     ground = torch.stack(ground_logp)  # [2B]
     # A pair where one branch has no evidence tokens (e.g. the official text-only 'qwen'
     # pairs) is compared on text alone, as the official code does: otherwise the branch
