@@ -46,16 +46,26 @@ CLIPS: dict[str, tuple[tuple[int, int, int], str]] = {
     "white.mp4": ((235, 235, 235), "a white card"),
     "orange.mp4": ((240, 140, 20), "an orange card."),
 }
+# A clip that is red for 2 s, then purple for 2 s, described from 2 s on: no red frame of
+# it may reach a montage.
+TWO_TONE = ("twotone.mp4", (120, 40, 160), "a purple card")
 PALETTE = {name: np.array(rgb, dtype=np.float64) for name, (rgb, _) in CLIPS.items()}
+PALETTE[TWO_TONE[0]] = np.array(TWO_TONE[1], dtype=np.float64)
 BUILD = {"seed": 3, "n_train": 6, "n_val": 1, "n_test": 3, "clips_per_montage": (3, 4), "min_clip_s": 1.0,
          "max_clip_s": 2.0, "fps": FPS, "size": SIZE, "held_out_fraction": 0.25}
 
 
-def _solid_clip(path: Path, rgb: tuple[int, int, int], duration_s: float, fps: int = 8) -> str:
-    # 48x32 (not square), so fitting into the montage square letterboxes it.
-    frame = np.empty((32, 48, 3), dtype=np.uint8)
-    frame[:] = rgb
-    write_h264_mp4(path, (frame for _ in range(round(duration_s * fps))), fps, 48, 32)
+def _solid_clip(
+    path: Path, rgb: tuple[int, int, int], duration_s: float, fps: int = 8, then_rgb: tuple[int, int, int] | None = None
+) -> str:
+    # 48x32 (not square), so fitting into the montage square letterboxes it. With
+    # ``then_rgb`` the second half of the clip has that colour.
+    n_frames = round(duration_s * fps)
+    frames = np.empty((n_frames, 32, 48, 3), dtype=np.uint8)  # [F, H, W, 3]
+    frames[:] = rgb
+    if then_rgb is not None:
+        frames[n_frames // 2 :] = then_rgb
+    write_h264_mp4(path, iter(frames), fps, 48, 32)
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -70,6 +80,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     entries = []
     for name, (rgb, text) in CLIPS.items():
         entries.append({"sha256": _solid_clip(root / name, rgb, 3.0), "name": name, "description": text})
+    name, rgb, text = TWO_TONE
+    entries.append({"sha256": _solid_clip(root / name, CLIPS["red.mp4"][0], 4.0, then_rgb=rgb), "name": name,
+                    "description": text, "start_s": 2.0, "end_s": 4.0})
     entries.append({"sha256": _solid_clip(root / "short.mp4", (90, 90, 90), 0.5), "name": "short.mp4",
                     "description": "a grey card"})
     broken = root / "broken.mp4"
@@ -108,7 +121,8 @@ def _colour_name(frame: np.ndarray) -> str:
 
 def test_boundaries_agree_with_the_written_frames(bench: tuple[Path, dict[str, Any]]) -> None:
     out, _ = bench
-    text_to_name = {text.rstrip("."): name for name, (_, text) in CLIPS.items()}
+    text_to_name = {text.rstrip("."): name for name, (_, text) in CLIPS.items()} | {TWO_TONE[2]: TWO_TONE[0]}
+    shown = set()
     for split in ("train", "test"):
         for video, dvc in _montages(_records(out, split)).items():
             spans = dvc.spans_s
@@ -122,15 +136,17 @@ def test_boundaries_agree_with_the_written_frames(bench: tuple[Path, dict[str, A
                 inside = [k for k, (s, e) in enumerate(spans) if s - 1e-6 <= t_s < e - 1e-6]
                 assert len(inside) == 1, (video, t_s, spans)
                 assert _colour_name(frame) == text_to_name[dvc.captions[inside[0]]], (video, t_s)
+                shown.add(dvc.captions[inside[0]])
             # No clip fills half a montage, so the whole-video guess never reaches IoU 0.5.
             assert max(e - s for s, e in spans) <= MAX_CLIP_SHARE * dvc.duration_s + 1e-6
+    assert TWO_TONE[2] in shown
 
 
 def test_splits_hold_clips_out_and_test_orders_are_new(bench: tuple[Path, dict[str, Any]]) -> None:
     out, summary = bench
     unseen = {c["description"] for c in summary["clips"]["used"] if c["group"] == "unseen"}
     seen = {c["description"] for c in summary["clips"]["used"] if c["group"] == "seen"}
-    assert len(unseen) >= 2 and len(unseen) + len(seen) == 9
+    assert len(unseen) >= 2 and len(unseen) + len(seen) == 10
     assert not {t.lower() for t in unseen} & {t.lower() for t in seen}
     train_orders = set()
     for split in ("train", "val"):
