@@ -210,6 +210,10 @@ def test_summary_reports_skips_matches_and_baselines(bench: tuple[Path, dict[str
     assert set(summary["baselines"]["tvg_by_group"]) == {"seen", "unseen"}
     assert sum(summary["test_groups"].values()) == len(_records(out, "test"))
     assert "an orange card" in {c["description"] for c in summary["clips"]["used"]}
+    train_pairs = {(a, b) for d in _montages(_records(out, "train")).values() for a, b in zip(d.captions, d.captions[1:])}
+    test_gqa = [r for r in _records(out, "test") if r.task == "gqa"]
+    asked = [(r.query.split("right after ")[1].split("? Answer")[0], r.options[r.answer_idx]) for r in test_gqa]
+    assert summary["test_gqa_pairs"] == {"n": len(test_gqa), "adjacent_in_train": sum(p in train_pairs for p in asked)}
 
 
 def test_rebuild_is_deterministic_and_reuses_videos(

@@ -769,7 +769,9 @@ def build_montage_benchmark(
     Returns:
         The summary also written to ``summary.json``: counts per split and task, the
         match report, used clips (with decoder warnings) and skipped clips with reasons,
-        seen and unseen clip names, montage durations, baselines and timings.
+        seen and unseen clip names, montage durations, baselines, timings, and
+        ``test_gqa_pairs``: how many test ``gqa`` items ask about a clip pair that was
+        adjacent, in the same order, in a train montage (answerable from training order).
 
     Raises:
         DescriptionsError: For a malformed descriptions file.
@@ -820,6 +822,11 @@ def build_montage_benchmark(
     by_split: dict[str, list[VideoRecord]] = {s: [] for s in SPLITS}
     test_groups: dict[str, str] = {}
     durations: dict[str, list[float]] = {s: [] for s in SPLITS}
+    # A test gqa item whose question clip was followed by its answer clip in a train
+    # montage can be answered from the training order alone; the summary counts them.
+    train_pairs = {(a.clip_idx, b.clip_idx) for m in montages if m.split == "train"
+                   for a, b in zip(m.segments, m.segments[1:])}
+    gqa_pairs = {"n": 0, "adjacent_in_train": 0}
     n_encoded = 0
     start = time.perf_counter()
     for montage in montages:
@@ -834,6 +841,12 @@ def build_montage_benchmark(
         durations[montage.split].append(duration_s)
         if montage.split == "test":
             test_groups |= groups
+            for r in records:
+                if r.task == "gqa":
+                    j = spans.index(r.spans_s[0])
+                    gqa_pairs["n"] += 1
+                    gqa_pairs["adjacent_in_train"] += (
+                        montage.segments[j - 1].clip_idx, montage.segments[j].clip_idx) in train_pairs
     encode_s = time.perf_counter() - start
 
     from d2vlm_ray.data.annotations import write_evi_json
@@ -856,6 +869,7 @@ def build_montage_benchmark(
         "montages": {s: len(durations[s]) for s in SPLITS},
         "records": {s: {t: sum(r.task == t for r in by_split[s]) for t in TASKS} for s in SPLITS},
         "test_groups": {g: sum(v == g for v in test_groups.values()) for g in ("seen", "unseen")},
+        "test_gqa_pairs": gqa_pairs,
         "match": match.report(),
         "clips": {
             "used": [{"name": c.name, "sha256": c.sha256, "description": c.description,
