@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,11 @@ from d2vlm_ray.data.annotations import read_evi_json
 from d2vlm_ray.data.montage import (
     DESCRIPTIONS_FORMAT,
     MAX_CLIP_SHARE,
+    ClipDescription,
     DescriptionsError,
     MontageError,
+    _prepare_clip,
+    _Skip,
     build_montage_benchmark,
     descriptions_overlap,
     fit_square,
@@ -285,13 +289,40 @@ def test_too_few_clips_and_bad_arguments_are_clear_errors(corpus: tuple[Path, Pa
         build_montage_benchmark(clips_dir, desc, tmp_path, size=SIZE, held_out_names=["short.mp4"])
 
 
-def test_fit_square_letterbox_and_crop() -> None:
+def test_fit_square_letterbox_crop_and_pixel_aspect() -> None:
     frames = np.full((2, 20, 40, 3), 200, dtype=np.uint8)
     boxed = fit_square(frames, 16, "letterbox")
     assert boxed.shape == (2, 16, 16, 3)
     assert boxed[:, :4].max() == 0 and boxed[:, 12:].max() == 0 and (boxed[:, 4:12] == 200).all()
     cropped = fit_square(frames, 16, "crop")
     assert cropped.shape == (2, 16, 16, 3) and (cropped == 200).all()
+    # Pixels twice as tall as wide: the 40x20 frame is shown 20 wide and 20 tall.
+    assert (fit_square(frames, 16, "letterbox", pixel_aspect=0.5) == 200).all()
+
+
+def test_clip_with_non_square_pixels_is_shown_at_its_display_aspect(tmp_path: Path) -> None:
+    import av
+
+    path = tmp_path / "sar.mp4"
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        stream.codec_context.sample_aspect_ratio = Fraction(2, 1)  # shown 64x32
+        for i in range(8):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 200, dtype=np.uint8), format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    desc = ClipDescription(hashlib.sha256(path.read_bytes()).hexdigest(), "a grey card")
+    kwargs = {"fps": 4, "size": 16, "fit": "letterbox", "min_frames": 1, "max_source_s": 60.0}
+    clip = _prepare_clip(str(path), desc, max_decode_bytes=1 << 30, **kwargs)
+    assert clip.frames.shape == (8, 16, 16, 3)
+    assert clip.frames[:, :3].max() < 30 and clip.frames[:, 13:].max() < 30 and clip.frames[:, 6:10].min() > 170
+    with pytest.raises(_Skip, match="max_decode_bytes") as skip:
+        _prepare_clip(str(path), desc, max_decode_bytes=8 * 32 * 32 * 3 - 1, **kwargs)
+    assert skip.value.reason == "too_large"
 
 
 def test_cli_prints_the_match_report(corpus: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -316,26 +316,32 @@ class _Skip(Exception):
         self.message = message
 
 
-def fit_square(frames: np.ndarray, size: int, fit: str = "letterbox") -> np.ndarray:
-    """Resize frames into a ``size`` square, keeping their aspect ratio.
+def fit_square(frames: np.ndarray, size: int, fit: str = "letterbox", pixel_aspect: float = 1.0) -> np.ndarray:
+    """Resize frames into a ``size`` square, keeping their displayed aspect ratio.
 
     Args:
         frames: uint8 RGB ``[F, H, W, 3]``.
         size: Side of the output square in pixels.
         fit: ``letterbox`` scales the long side to ``size`` and pads with black;
             ``crop`` scales the short side to ``size`` and keeps the centre.
+        pixel_aspect: Displayed width over height of one stored pixel (a stream's sample
+            aspect ratio; its inverse for frames rotated by 90 or 270 degrees). Handled
+            here, a chunk at a time, rather than by stretching every decoded frame first.
 
     Returns:
-        uint8 ``[F, size, size, 3]``.
+        uint8 ``[F, size, size, 3]`` with square pixels.
     """
     import torch
     import torch.nn.functional as F
 
     if fit not in FITS:
         raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+    if not (pixel_aspect > 0 and math.isfinite(pixel_aspect)):
+        raise ValueError(f"pixel_aspect must be a positive number, got {pixel_aspect!r}")
     n_frames, height, width = frames.shape[:3]
-    scale = size / (max(height, width) if fit == "letterbox" else min(height, width))
-    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    shown_w = width * pixel_aspect
+    scale = size / (max(height, shown_w) if fit == "letterbox" else min(height, shown_w))
+    new_h, new_w = max(1, round(height * scale)), max(1, round(shown_w * scale))
     out = np.zeros((n_frames, size, size, 3), dtype=np.uint8)
     for start in range(0, n_frames, 32):  # 32 frames at a time bounds the float copy
         chunk = torch.from_numpy(np.ascontiguousarray(frames[start : start + 32])).permute(0, 3, 1, 2).float()
@@ -352,18 +358,39 @@ def fit_square(frames: np.ndarray, size: int, fit: str = "letterbox") -> np.ndar
 
 
 def _prepare_clip(
-    path: str, desc: ClipDescription, *, fps: int, size: int, fit: str, min_frames: int, max_source_s: float
+    path: str,
+    desc: ClipDescription,
+    *,
+    fps: int,
+    size: int,
+    fit: str,
+    min_frames: int,
+    max_source_s: float,
+    max_decode_bytes: int,
 ) -> _Clip:
     """Decode one clip at ``fps`` and keep its described range; raises :class:`_Skip`."""
-    from d2vlm_ray.data.video import VideoDecodeError, decode_video
+    from d2vlm_ray.data.video import VideoDecodeError, decode_video, probe_video
 
     try:
-        # apply_sar: the montage is written with square pixels, so frames take the shape
-        # a player shows. max_side bounds memory before the final fit (4x leaves the crop
-        # of a 4:1 clip enough pixels).
-        video = decode_video(path, fps=fps, max_side=4 * size, max_duration_s=max_source_s, apply_sar=True)
+        index = probe_video(path)
+        # The decoder holds every sampled frame at its stored size before shrinking them,
+        # so a long high-resolution clip is refused here rather than exhausting memory.
+        n_sampled = math.ceil(index.duration_s * fps)
+        held_bytes = n_sampled * index.width * index.height * 3
+        if held_bytes > max_decode_bytes:
+            raise _Skip(
+                "too_large",
+                f"decoding holds {n_sampled} frames of {index.width}x{index.height} "
+                f"({held_bytes / 2**30:.1f} GiB) at once, over max_decode_bytes ({max_decode_bytes / 2**30:.1f} GiB): "
+                "trim the clip or raise the limit",
+            )
+        # max_side bounds memory before the final fit (4x leaves the crop of a 4:1 clip
+        # enough pixels); the sample aspect ratio is applied by fit_square.
+        video = decode_video(path, fps=fps, max_side=4 * size, max_duration_s=max_source_s)
     except VideoDecodeError as exc:
         raise _Skip(exc.reason, exc.message) from exc
+    sar = float(index.sample_aspect_ratio)
+    pixel_aspect = 1.0 / sar if index.rotation_deg in (90, 270) else sar
     if video.missing_timestamps_s:
         raise _Skip(
             "partial_decode",
@@ -387,7 +414,7 @@ def _prepare_clip(
             f"{n_kept} frames at {fps} fps in the described range [{start_s:.3f}, {end_s:.3f}] s, "
             f"fewer than the {min_frames} a segment needs",
         )
-    frames = fit_square(video.frames[keep], size, fit)
+    frames = fit_square(video.frames[keep], size, fit, pixel_aspect)
     kept_s = times_s[keep]
     return _Clip(
         path=path,
@@ -739,6 +766,7 @@ def build_montage_benchmark(
     max_tvg_per_montage: int | None = None,
     max_gqa_per_montage: int | None = None,
     max_source_s: float = 600.0,
+    max_decode_bytes: int = 2 << 30,
 ) -> dict[str, Any]:
     """Write a montage benchmark: ``videos/*.mp4``, ``annotations/*.json``, ``summary.json``.
 
@@ -765,6 +793,8 @@ def build_montage_benchmark(
         max_tvg_per_montage: Most ``tvg`` queries per montage (``None``: one per clip).
         max_gqa_per_montage: Most ``gqa`` questions per montage (``None``: one per clip after the first).
         max_source_s: Clips longer than this are skipped (``too_long``) rather than decoded.
+        max_decode_bytes: Clips whose sampled frames at their stored size would take more
+            than this many bytes are skipped (``too_large``): the decoder holds them all.
 
     Returns:
         The summary also written to ``summary.json``: counts per split and task, the
@@ -803,9 +833,8 @@ def build_montage_benchmark(
     skipped: list[dict[str, str]] = []
     for path, desc in match.clips:
         try:
-            clips.append(
-                _prepare_clip(path, desc, fps=fps, size=size, fit=fit, min_frames=min_frames, max_source_s=max_source_s)
-            )
+            clips.append(_prepare_clip(path, desc, fps=fps, size=size, fit=fit, min_frames=min_frames,
+                                       max_source_s=max_source_s, max_decode_bytes=max_decode_bytes))
         except _Skip as skip:
             skipped.append({"name": Path(path).name, "sha256": desc.sha256, "reason": skip.reason,
                             "message": skip.message})
@@ -915,6 +944,8 @@ def main(argv: list[str] | None = None) -> int:
     held = parser.add_mutually_exclusive_group()
     held.add_argument("--held-out-fraction", type=float, default=0.2)
     held.add_argument("--held-out", nargs="+", metavar="NAME", help="file names of the clips to hold out")
+    parser.add_argument("--max-decode-gib", type=float, default=2.0,
+                        help="skip clips whose sampled frames at stored size need more memory than this")
     args = parser.parse_args(argv)
     try:
         summary = build_montage_benchmark(
@@ -933,6 +964,7 @@ def main(argv: list[str] | None = None) -> int:
             fit=args.fit,
             held_out_fraction=args.held_out_fraction,
             held_out_names=args.held_out,
+            max_decode_bytes=int(args.max_decode_gib * 2**30),
         )
     except (DescriptionsError, MontageError) as exc:
         print(f"d2vlm-ray montage: {exc}", file=sys.stderr)
