@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from d2vlm_ray.data.annotations import read_evi_json
+from d2vlm_ray.data.annotations import read_evi_json, record_to_etbench
 from d2vlm_ray.data.montage import (
     DESCRIPTIONS_FORMAT,
     MAX_CLIP_SHARE,
@@ -32,7 +32,7 @@ from d2vlm_ray.data.montage import (
 )
 from d2vlm_ray.data.synthetic import EVI_END, write_h264_mp4
 from d2vlm_ray.data.video import REASONS, decode_video
-from d2vlm_ray.eval.report import option_hit
+from d2vlm_ray.eval.report import option_hit, synthetic_metrics
 from d2vlm_ray.types import VideoRecord
 
 FPS = 4
@@ -176,6 +176,14 @@ def test_splits_hold_clips_out_and_test_orders_are_new(bench: tuple[Path, dict[s
             assert not any(descriptions_overlap(a, b) for i, a in enumerate(caps) for b in caps[i + 1 :]), caps
 
 
+def _spelled_out(record: VideoRecord) -> str:
+    """The reference response with each answer ``<evi>`` written as its span, as a model would."""
+    grounding, answer = record.answer.split(EVI_END, 1)
+    for start_s, end_s in record.spans_s:
+        answer = answer.replace("<evi>", f"{start_s:g} - {end_s:g}", 1)
+    return f"{grounding}{EVI_END}{answer}"
+
+
 def test_gqa_answers_are_scored_by_option_hit(bench: tuple[Path, dict[str, Any]]) -> None:
     out, _ = bench
     gqa = [r for split in ("train", "test") for r in _records(out, split) if r.task == "gqa"]
@@ -189,6 +197,16 @@ def test_gqa_answers_are_scored_by_option_hit(bench: tuple[Path, dict[str, Any]]
         for i, other in enumerate(opts):
             if i != r.answer_idx:
                 assert not option_hit(answer.replace(opts[r.answer_idx], other), opts, r.answer_idx)
+    # End to end through the evaluation's scorer: the reference answers score full marks,
+    # and a gqa answer naming another option scores nothing.
+    test = _records(out, "test")
+    preds = [record_to_etbench(r, i) | {"a": _spelled_out(r)} for i, r in enumerate(test)]
+    tasks = synthetic_metrics(preds)["tasks"]
+    assert tasks["tvg"]["text"]["R@0.5"] == 1.0 and tasks["dvc"]["text"]["F1"] == 1.0
+    assert tasks["gqa"]["text"]["Acc"] == 1.0
+    wrong = [p | {"a": p["a"].replace(p["o"][p["p"]], p["o"][(p["p"] + 1) % len(p["o"])])} for p in preds
+             if p["task"] == "gqa"]
+    assert synthetic_metrics(wrong)["tasks"]["gqa"]["text"]["Acc"] == 0.0
     # What the overlap guard prevents: had these two been options, naming the longer one
     # would have scored as the shorter one.
     assert option_hit("At 1.0 - 2.0, a blue card on a table.", ["a blue card", "a blue card on a table"], 0)
