@@ -13,6 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("d2vlm_ray.data.probe", "print a video's duration, fps, size and sampled frame times as JSON"),
     "synth-data": ("d2vlm_ray.data.synthetic", "render the synthetic benchmark (videos + E.T.-Instruct-style json)"),
+    "montage": ("d2vlm_ray.data.montage", "build the real-footage montage benchmark from described clips"),
     "metrics": ("d2vlm_ray.eval.cli", "score a prediction file (etbench | charades | youcook2) and print JSON"),
     "answer": ("d2vlm_ray.serving.offline", "answer a question about a video with a checkpoint, offline, as JSON"),
 }

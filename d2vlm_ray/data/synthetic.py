@@ -696,6 +696,55 @@ def render_frame(scene: Scene, t_s: float, size: int = 128) -> np.ndarray:
     return frame
 
 
+def write_h264_mp4(
+    path: str | os.PathLike[str], frames: Iterable[np.ndarray], fps: int, width: int, height: int
+) -> int:
+    """Encode uint8 RGB frames as a small constant-rate H.264 (libx264, yuv420p) mp4.
+
+    Frame ``i`` gets pts ``i`` in a ``1/fps`` time base, so it is shown at ``i / fps`` s.
+    One encoder thread keeps the bitstream independent of the machine: the same frames
+    give the same bytes.
+
+    Args:
+        path: Output file; its folder must exist.
+        frames: Frames ``[height, width, 3]`` uint8, in display order.
+        fps: Frame rate (frames per second).
+        width: Frame width in pixels (even, for yuv420p).
+        height: Frame height in pixels (even, for yuv420p).
+
+    Returns:
+        Number of frames written.
+
+    Raises:
+        ValueError: For an odd size, a non-positive fps or a frame of another shape.
+    """
+    import av
+
+    if width % 2 or height % 2:
+        raise ValueError(f"width and height must be even for yuv420p, got {width}x{height}")
+    if fps < 1:
+        raise ValueError(f"fps must be a positive integer, got {fps}")
+    n_frames = 0
+    with av.open(os.fspath(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps))
+        stream.width = width
+        stream.height = height
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.thread_count = 1
+        stream.options = {"crf": "18", "preset": "ultrafast", "g": str(2 * fps)}
+        for image in frames:
+            if image.shape != (height, width, 3) or image.dtype != np.uint8:
+                raise ValueError(f"frame {n_frames} is {image.dtype} {image.shape}, expected uint8 ({height}, {width}, 3)")
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = n_frames
+            for packet in stream.encode(frame):
+                container.mux(packet)
+            n_frames += 1
+        for packet in stream.encode():
+            container.mux(packet)
+    return n_frames
+
+
 def render_scene(scene: Scene, path: str | os.PathLike[str], fps: int = 4, size: int = 128) -> int:
     """Encode the scene as an H.264 (libx264, yuv420p) mp4 at ``fps`` frames per second.
 
@@ -708,28 +757,11 @@ def render_scene(scene: Scene, path: str | os.PathLike[str], fps: int = 4, size:
     Returns:
         Number of frames written.
     """
-    import av
-
     if size % 2:
         raise ValueError(f"size must be even for yuv420p, got {size}")
     n_frames = max(1, round(scene.duration_s * fps))
-    with av.open(os.fspath(path), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps))
-        stream.width = size
-        stream.height = size
-        stream.pix_fmt = "yuv420p"
-        # One thread keeps the bitstream independent of the machine; these videos are tiny.
-        stream.codec_context.thread_count = 1
-        stream.options = {"crf": "18", "preset": "ultrafast", "g": str(2 * fps)}
-        for frame_idx in range(n_frames):
-            image = render_frame(scene, frame_idx / fps, size)
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame.pts = frame_idx
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return n_frames
+    images = (render_frame(scene, frame_idx / fps, size) for frame_idx in range(n_frames))
+    return write_h264_mp4(path, images, fps, size, size)
 
 
 def _render_job(job: tuple[Scene, str, int, int]) -> int:
