@@ -432,10 +432,10 @@ def _prepare_benchmark(cfg: QuickstartConfig, out: Path, stages: Stages) -> Benc
         )
         ann = {s: synth / "annotations" / f"{s}.json" for s in ("train", "val", "test")}
         return Benchmark(synth, ann, {}, summary if isinstance(summary, dict) else {})
-    from d2vlm_ray.data.montage import build_montage_benchmark, default_descriptions_path
+    from d2vlm_ray.data.montage import PACKAGED_DESCRIPTIONS, build_montage_benchmark
 
     root = out / "montage"
-    descriptions = Path(cfg.descriptions) if cfg.descriptions else default_descriptions_path()
+    descriptions = Path(cfg.descriptions) if cfg.descriptions else PACKAGED_DESCRIPTIONS
     clips = _clips_dir(cfg)
     summary = stages.run(
         "build montage benchmark from real clips",

@@ -19,6 +19,7 @@ from d2vlm_ray.data.annotations import read_evi_json, record_to_etbench
 from d2vlm_ray.data.montage import (
     DESCRIPTIONS_FORMAT,
     MAX_CLIP_SHARE,
+    PACKAGED_DESCRIPTIONS,
     ClipDescription,
     DescriptionsError,
     MontageError,
@@ -364,10 +365,7 @@ def test_cli_prints_the_match_report(corpus: tuple[Path, Path], tmp_path: Path, 
 @pytest.mark.slow
 def test_real_corpus_montages(real_media_dir: Path, tmp_path: Path) -> None:
     """Builds a few montages from the real corpus with the committed descriptions file."""
-    desc = Path(__file__).resolve().parents[1] / "d2vlm_ray" / "data" / "clip_descriptions" / "shared_media_real.json"
-    if not desc.is_file():
-        pytest.skip(f"{desc} is not committed yet: no descriptions for the real corpus")
-    summary = build_montage_benchmark(real_media_dir, desc, tmp_path, seed=0, n_train=4, n_val=1, n_test=2, size=64)
+    summary = build_montage_benchmark(real_media_dir, PACKAGED_DESCRIPTIONS, tmp_path, seed=0, n_train=4, n_val=1, n_test=2, size=64)
     assert summary["clips"]["used"] and summary["unseen_clips"]
     unseen = {c["description"] for c in summary["clips"]["used"] if c["group"] == "unseen"}
     train_orders = {d.captions for d in _montages(_records(tmp_path, "train")).values()}

@@ -63,6 +63,8 @@ from d2vlm_ray.data.synthetic import EVI, SPLITS, grounding_baselines, grounding
 from d2vlm_ray.types import SpanS, VideoRecord
 
 DESCRIPTIONS_FORMAT = "d2vlm_ray.clip_descriptions/1"
+PACKAGED_DESCRIPTIONS = Path(__file__).resolve().parent / "clip_descriptions" / "shared_media_real.json"
+"""Our descriptions of the team's real-media corpus (the files are not distributed; matched by sha256)."""
 SOURCE = "montage"
 TASKS: tuple[str, ...] = ("tvg", "dvc", "gqa")
 FITS: tuple[str, ...] = ("letterbox", "crop")
