@@ -6,6 +6,10 @@ It is re-implemented here with ``torch.nn.functional.interpolate`` only, because
 torchvision does not import in this environment; the size arithmetic follows
 torchvision (long side truncated with ``int``, crop offset rounded) so the crops match.
 
+The same geometry with EfficientNet-Lite's normalisation (``normalization="efficientnet_lite"``,
+transform id ``effnet_lite_center_<size>``) feeds that frame-encoder family; the id differs
+because the pixels do, so feature-cache keys never mix the two.
+
 Frames enter at their stored size, as decord returns them (the official behaviour, kept as
 the default). :func:`apply_sample_aspect_ratio` is the option for non-square pixels: it
 resizes frames to the shape a player displays (``decode_video(..., apply_sar=True)``).

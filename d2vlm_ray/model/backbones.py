@@ -33,7 +33,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from d2vlm_ray.model.vision import BACKBONES_EXTRA_HINT, NORMALIZATION_BY_FAMILY, MissingExtraError
+BACKBONES_EXTRA_HINT = "pip install 'd2vlm-ray[backbones]'"
+"""How to install the optional extra that carries the real-backbone libraries."""
+
+
+class MissingExtraError(ImportError):
+    """An optional extra this feature needs is not installed; the message names it."""
+
 
 WEIGHTS_NAME = "model.safetensors"
 VISION_META_NAME = "vision.json"
@@ -148,6 +154,8 @@ def import_vision(out_dir: Path, name: str = "efficientnet-lite0") -> dict[str, 
     _require("efficientnet_lite_pytorch", BACKBONES_EXTRA_HINT)
     from efficientnet_lite_pytorch import EfficientNet
 
+    from d2vlm_ray.model.vision import NORMALIZATION_BY_FAMILY
+
     pth = next(iter(sorted((weights_pkg / "models").glob("*.pth"))), None)
     if pth is None:
         raise MissingExtraError(f"{weights_pkg}: no .pth weights; reinstall with {BACKBONES_EXTRA_HINT}")
@@ -205,6 +213,8 @@ def import_backbones(out: str | Path, llm: str = "smollm2-135m", vision: str = "
     if vision not in VISION_CHOICES:
         raise ValueError(f"--vision: unknown {vision!r}; choose one of {sorted(VISION_CHOICES)}")
     # Belt and braces: everything below passes local_files_only, and nothing may reach a hub.
+    # (This module imports transformers only inside the import functions, so re-running
+    # on a complete directory stays a cheap no-op.)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)

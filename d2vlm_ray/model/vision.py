@@ -22,16 +22,10 @@ from transformers import Blip2VisionConfig, Blip2VisionModel
 
 from d2vlm_ray.config.schema import VisionConfig
 from d2vlm_ray.data.transforms import clip_center_transform, transform_id
-
-BACKBONES_EXTRA_HINT = "pip install 'd2vlm-ray[backbones]'"
-"""How to install the optional extra that carries the real-backbone libraries."""
+from d2vlm_ray.model.backbones import BACKBONES_EXTRA_HINT, MissingExtraError
 
 # The pixel normalisation each family's weights expect; it is part of the transform id.
 NORMALIZATION_BY_FAMILY = {"eva": "clip", "efficientnet_lite": "efficientnet_lite"}
-
-
-class MissingExtraError(ImportError):
-    """An optional extra this feature needs is not installed; the message names it."""
 
 
 class EfficientNetLiteFeatures(nn.Module):
