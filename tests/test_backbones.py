@@ -155,6 +155,33 @@ def test_each_family_builds_trains_generates_and_round_trips(tmp_path, llm: str,
     assert (reloaded.encoder_id, reloaded.transform_id) == (encoder.encoder_id, encoder.transform_id)
 
 
+def test_llama_honours_the_explicit_4d_mask(tmp_path) -> None:
+    """Padding in a batch changes nothing, and switching bidirectional frames changes the
+    result: the Llama layers read D2VLM's 4-D mask rather than building their own causal one."""
+    cfg = _config(tmp_path, "llama", "eva")
+    tokenizers = build_tokenizers(cfg)
+    torch.manual_seed(1)
+    model = build_d2vlm(cfg, tokenizers).eval()
+    encoder = build_frame_encoder(model, cfg.vision.image_size)
+    clips = [square_clip(6, 1, 3, (255, 0, 0)), square_clip(4, 0, 1, (0, 0, 255))]
+    feats = [encoder.encode(c) for c in clips]
+    questions = ["when does the red square appear?", "blue?"]
+    responses = ["<evi></evi>the red square is seen in <evi>.", "<evi></evi>blue in <evi>."]
+
+    def evidence(idx: list[int]) -> list[torch.Tensor]:
+        batch = build_batch(tokenizers.llm, tokenizers.qformer, [questions[i] for i in idx], [feats[i] for i in idx],
+                            [np.arange(float(len(clips[i]))) for i in idx], [float(len(clips[i])) for i in idx],
+                            responses=[responses[i] for i in idx], spans_s=[[(0.0, 1.0)] for _ in idx])
+        with torch.no_grad():
+            return model(batch).evidence_logits  # per sample [E, F]
+
+    both = evidence([0, 1])
+    for i in (0, 1):
+        assert torch.allclose(both[i], evidence([i])[0], atol=1e-5)
+    model.bidirectional_frames = False
+    assert not torch.allclose(evidence([0])[0], both[0], atol=1e-5)
+
+
 @needs_effnet
 def test_encoder_and_transform_ids_differ_across_vision_families(tmp_path) -> None:
     eva = build_frame_encoder(build_d2vlm(_config(tmp_path, "phi3", "eva"), build_tokenizers(_config(tmp_path, "phi3", "eva"))), 64)
