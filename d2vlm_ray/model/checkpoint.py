@@ -382,23 +382,38 @@ def from_pretrained(
 
 
 def init_checkpoint(cfg: ModelConfig, out_dir: str | Path, seed: int = 0) -> Path:
-    """Build a randomly initialised model from ``cfg`` (seeded) and save it as a checkpoint.
+    """Build a model from ``cfg`` (seeded random weights) and save it as a checkpoint.
 
-    Every stage of a run (feature cache, training, evaluation, serving) then loads the
-    same weights from this directory, so the frame encoder id in cache keys agrees.
+    With ``cfg.llm.weights_dir`` / ``cfg.vision.weights_dir`` set (directories written by
+    ``d2vlm-ray import-backbone``), the LLM / frame encoder start from those pretrained
+    weights (:mod:`d2vlm_ray.model.backbones`); everything else stays random. The
+    checkpoint then carries every weight, so nothing later reads the weights dirs. Every
+    stage of a run (feature cache, training, evaluation, serving) loads the same weights
+    from this directory, so the frame encoder id in cache keys agrees.
+
+    Raises:
+        d2vlm_ray.model.backbones.BackboneWeightsError: If a weights dir does not fit the
+            configured architecture (the message names the directory).
     """
     from d2vlm_ray.model.builders import build_tokenizers
 
     tokenizers = build_tokenizers(cfg)
     torch.manual_seed(seed)
     model = build_d2vlm(cfg, tokenizers)
+    if cfg.llm.weights_dir or cfg.vision.weights_dir:
+        from d2vlm_ray.model.backbones import load_llm_weights, load_vision_weights
+
+        if cfg.llm.weights_dir:
+            load_llm_weights(model.llm, cfg.llm.weights_dir)
+        if cfg.vision.weights_dir:
+            load_vision_weights(model.vision, cfg.vision.family, cfg.vision.weights_dir)
     return save_pretrained(model, cfg, tokenizers, out_dir)
 
 
 def load_frame_encoder(
     ckpt_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, chunk_frames: int = 64
 ) -> VisionFrameEncoder:
-    """Load only the frozen frame encoder of a d2vlm_ray checkpoint (for cache building).
+    """Load only the frozen frame encoder (either family) of a checkpoint (for cache building).
 
     Raises:
         FileNotFoundError: If the checkpoint is missing.

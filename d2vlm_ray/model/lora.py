@@ -70,10 +70,12 @@ def parameter_group(name: str) -> str:
 def set_trainable(model: D2VLM, tuning_mode: str) -> None:
     """Freeze everything, then unfreeze what ``tuning_mode`` trains.
 
-    Modes: ``attention`` (official), ``heads`` (LoRA and heads), ``all`` (all but vision).
+    Modes: ``attention`` (official), ``full_compressor`` (official plus the whole Q-Former,
+    for a Q-Former that starts random), ``heads`` (LoRA and heads), ``all`` (all but vision).
     """
     trained = {
         "attention": {"lora", "embed", "lm_head", "frm_head", "evi_head", "qformer"},
+        "full_compressor": {"lora", "embed", "lm_head", "frm_head", "evi_head", "qformer", "qformer_frozen"},
         "heads": {"lora", "frm_head", "evi_head"},
         "all": {"lora", "embed", "lm_head", "frm_head", "evi_head", "qformer", "qformer_frozen", "llm"},
     }

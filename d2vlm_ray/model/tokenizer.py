@@ -1,8 +1,12 @@
-"""Tokenizers, the Phi-3 chat template, ``<image>`` splicing and detokenisation.
+"""Tokenizers, the chat templates, ``<image>`` splicing and detokenisation.
 
-The LLM sees ``<|system|>\\n...<|end|>\\n<|user|>\\n<image>\\n{question}<|end|>\\n<|assistant|>\\n``
-followed (in training) by ``{response}<|end|>``. The ``<image>`` placeholder is replaced by
-one token per sampled frame, so the prompt is tokenized as two chunks around it: merging
+With Phi-3's tokenizer (official) the LLM sees
+``<|system|>\\n...<|end|>\\n<|user|>\\n<image>\\n{question}<|end|>\\n<|assistant|>\\n``
+followed (in training) by ``{response}<|end|>``. A tokenizer that has ChatML's
+``<|im_start|>``/``<|im_end|>`` as tokens (e.g. SmolLM2's) gets the ChatML template instead:
+``<|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\n<image>\\n{question}<|im_end|>\\n<|im_start|>assistant\\n``,
+its turns ending in ``<|im_end|>``: the template follows the tokenizer (:func:`chat_template`).
+The ``<image>`` placeholder is replaced by one token per sampled frame, so the prompt is tokenized as two chunks around it: merging
 them would change the ids at the chunk boundary.
 
 Real runs load the checkpoint's own tokenizers (Phi-3's SentencePiece tokenizer and a
@@ -33,10 +37,65 @@ EOS_TOKEN = "<|endoftext|>"
 SYSTEM_PROMPT = "You are a helpful AI assistant."
 QFORMER_BOS_TOKEN = "[DEC]"
 
+CHATML_START_TOKEN = "<|im_start|>"
+CHATML_END_TOKEN = "<|im_end|>"
+
 # Phi-3's chat markers, then the two evidence tokens D2VLM adds (ids 32011/32012 in the
 # official checkpoint, whose base tokenizer has 32011 entries).
 _CHAT_SPECIALS = (SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN, END_TOKEN)
 _EVIDENCE_SPECIALS = (EVI_TOKEN, EVI_END_TOKEN)
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A chat format: the header of each turn and the token that ends a turn.
+
+    Attributes:
+        name: ``phi3`` or ``chatml``.
+        system_header: Text opening the system turn.
+        user_header: Text opening the user turn.
+        assistant_header: Text opening the assistant turn (the prompt ends with it).
+        end: The end-of-turn token; generation stops on it and detokenisation cuts it.
+    """
+
+    name: str
+    system_header: str
+    user_header: str
+    assistant_header: str
+    end: str
+
+    def prompt(self, question: str) -> str:
+        """The prompt for one question, with the ``<image>`` placeholder before it."""
+        return (
+            f"{self.system_header}{SYSTEM_PROMPT}{self.end}\n{self.user_header}{IMAGE_TOKEN}\n"
+            f"{question}{self.end}\n{self.assistant_header}"
+        )
+
+
+PHI3_TEMPLATE = ChatTemplate("phi3", f"{SYSTEM_TOKEN}\n", f"{USER_TOKEN}\n", f"{ASSISTANT_TOKEN}\n", END_TOKEN)
+"""The official Phi-3 template."""
+
+CHATML_TEMPLATE = ChatTemplate(
+    "chatml",
+    f"{CHATML_START_TOKEN}system\n",
+    f"{CHATML_START_TOKEN}user\n",
+    f"{CHATML_START_TOKEN}assistant\n",
+    CHATML_END_TOKEN,
+)
+"""ChatML (SmolLM2, Qwen and others)."""
+
+
+def _has_token(tokenizer: PreTrainedTokenizerBase, token: str) -> bool:
+    """Whether ``token`` is one entry of the vocabulary (not split, not unknown)."""
+    tid = tokenizer.convert_tokens_to_ids(token)
+    return tid is not None and tid != tokenizer.unk_token_id
+
+
+def chat_template(tokenizer: PreTrainedTokenizerBase) -> ChatTemplate:
+    """ChatML when the tokenizer has ``<|im_start|>`` and ``<|im_end|>`` as tokens, else Phi-3's."""
+    if _has_token(tokenizer, CHATML_START_TOKEN) and _has_token(tokenizer, CHATML_END_TOKEN):
+        return CHATML_TEMPLATE
+    return PHI3_TEMPLATE
 
 
 @dataclass(frozen=True)
@@ -51,9 +110,11 @@ class TokenIds:
 
     @classmethod
     def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> TokenIds:
-        """Look the special ids up; raises ``ValueError`` if the tokenizer lacks one."""
+        """Look the special ids up (``end`` = the chat template's end-of-turn token); raises
+        ``ValueError`` if the tokenizer lacks one."""
         ids = {}
-        for name, tok in (("evi", EVI_TOKEN), ("evi_end", EVI_END_TOKEN), ("end", END_TOKEN)):
+        end = chat_template(tokenizer).end
+        for name, tok in (("evi", EVI_TOKEN), ("evi_end", EVI_END_TOKEN), ("end", end)):
             tid = tokenizer.convert_tokens_to_ids(tok)
             if tid is None or tid == tokenizer.unk_token_id:
                 raise ValueError(f"tokenizer has no {tok!r} token; load it with load_llm_tokenizer()")
@@ -148,12 +209,9 @@ def load_qformer_tokenizer(path: str | Path) -> BertTokenizerFast:
     return _finish_qformer_tokenizer(tok)
 
 
-def chat_prompt(question: str) -> str:
-    """The Phi-3 prompt for one question, with the ``<image>`` placeholder before it."""
-    return (
-        f"{SYSTEM_TOKEN}\n{SYSTEM_PROMPT}{END_TOKEN}\n{USER_TOKEN}\n{IMAGE_TOKEN}\n"
-        f"{question}{END_TOKEN}\n{ASSISTANT_TOKEN}\n"
-    )
+def chat_prompt(question: str, template: ChatTemplate = PHI3_TEMPLATE) -> str:
+    """The prompt for one question in ``template`` (Phi-3's by default), ``<image>`` before it."""
+    return template.prompt(question)
 
 
 @dataclass
@@ -180,7 +238,7 @@ def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> Prompt
     """
     if IMAGE_TOKEN in question:
         raise ValueError("question: must not contain the <image> placeholder; the frames are added once")
-    before, after = chat_prompt(question).split(IMAGE_TOKEN)
+    before, after = chat_prompt(question, chat_template(tokenizer)).split(IMAGE_TOKEN)
     prefix = tokenizer(before, add_special_tokens=False)["input_ids"]
     if emits_bos(tokenizer):
         prefix = [tokenizer.bos_token_id, *prefix]
@@ -194,17 +252,20 @@ def emits_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     The official chunk-wise tokenization keeps a BOS exactly where the tokenizer emits
     one. Phi-3's tokenizer has a BOS token but does not add it on encode, so official
     D2VLM prompts start with ``<|system|>``; a tokenizer that does add it keeps it once.
+    The probe is plain text: a special-token probe would answer yes for a tokenizer whose
+    BOS *is* that token (SmolLM2's BOS is ``<|im_start|>``) without it adding anything.
     """
     bos = tokenizer.bos_token_id
     if bos is None:
         return False
-    probe = tokenizer(SYSTEM_TOKEN)["input_ids"]
+    probe = tokenizer("a")["input_ids"]
     return bool(probe) and probe[0] == bos
 
 
 def tokenize_response(tokenizer: PreTrainedTokenizerBase, response: str) -> list[int]:
-    """Ids of a response followed by ``<|end|>`` (the LM loss covers all of them)."""
-    return list(tokenizer(response + END_TOKEN, add_special_tokens=False)["input_ids"])
+    """Ids of a response followed by the template's end token (the LM loss covers all of them)."""
+    end = chat_template(tokenizer).end
+    return list(tokenizer(response + end, add_special_tokens=False)["input_ids"])
 
 
 def format_time_s(t_s: float) -> str:
@@ -264,10 +325,11 @@ def detokenize_with_refs(
         parts.append(surface + " " + piece)
         offset += len(surface) + 1 + len(piece)
     text = "".join(parts)
-    if text.endswith(END_TOKEN):
+    end = chat_template(tokenizer).end
+    if text.endswith(end):
         # The official script cuts its stop string and strips again; the start is already
         # stripped and a span's text ends in no whitespace, so the spans stay valid.
-        text = text[: -len(END_TOKEN)].strip()
+        text = text[: -len(end)].strip()
     return DetokenizedText(text=text, evidence_chars=chars)
 
 
@@ -279,8 +341,9 @@ def detokenize(
     """Response text exactly as the official D2VLM inference writes it.
 
     The whole sequence is decoded once (special tokens kept) and stripped, each ``<evi>``
-    becomes ``"s - e "`` (its span in seconds, then a space), and a trailing ``<|end|>``
-    (the official stop string) is cut and the rest stripped. ``</evi>`` stays: the D2VLM
+    becomes ``"s - e "`` (its span in seconds, then a space), and a trailing end token
+    (``<|end|>``, the official stop string, or ``<|im_end|>`` for ChatML) is cut and the
+    rest stripped. ``</evi>`` stays: the D2VLM
     scorer splits on it.
 
     Raises:
