@@ -455,12 +455,13 @@ def _initial_model(cfg: QuickstartConfig, out: Path, stages: Stages) -> Path:
     from d2vlm_ray.model.checkpoint import init_checkpoint
 
     model_cfg = cfg.model
-    if cfg.model.preset != "tiny":
-        from d2vlm_ray.model.backbones import backbone_overrides, import_backbones
+    if cfg.model.preset == "real-small" and not (cfg.model.llm.weights_dir or cfg.model.vision.weights_dir):
+        from d2vlm_ray.config.presets import backbone_overrides
+        from d2vlm_ray.model.backbones import import_backbones
 
         bb_dir = Path(cfg.backbones_dir).resolve() if cfg.backbones_dir else out / "backbones"
         stages.run("import pretrained backbones", lambda: import_backbones(bb_dir))
-        model_cfg = from_dict(ModelConfig, _merge_dicts(asdict(cfg.model), backbone_overrides(bb_dir)))
+        model_cfg = from_dict(ModelConfig, _merge_dicts(asdict(cfg.model), backbone_overrides(str(bb_dir))))
     return stages.run(
         f"initialise {cfg.model.preset} model",
         lambda: init_checkpoint(model_cfg, out / "checkpoints" / "init", seed=cfg.seed),
