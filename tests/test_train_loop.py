@@ -164,6 +164,17 @@ def test_optimizer_has_two_learning_rates_and_no_frame_encoder(init_dir: Path) -
         param_groups(objective, OptimSettings())
 
 
+def test_embedding_lr_puts_the_vocabulary_in_its_own_group(init_dir: Path) -> None:
+    model, _, _ = load_model(init_dir, from_dict(ModelConfig, {"preset": "tiny"}).lora)
+    objective = SFTObjective(model, LossSettings())
+    groups = param_groups(objective, OptimSettings(lr=1e-3, lora_lr=3e-3, embedding_lr=2e-5))
+    assert [(g["name"], g["lr"]) for g in groups] == [("lora", 3e-3), ("embedding", 2e-5), ("other", 1e-3)]
+    names = {id(p): n for n, p in objective.named_parameters()}
+    vocab = {names[id(p)] for p in groups[1]["params"]}
+    assert vocab and all("embed_tokens" in n or "lm_head" in n for n in vocab)
+    assert not any("embed_tokens" in names[id(p)] or "lm_head" in names[id(p)] for p in groups[2]["params"])
+
+
 def _sft_loop(init_dir: Path, run_dir: Path, features: dict, *, fail_at_step: int = 0) -> tuple[Loop, TorchEngine]:
     lora = from_dict(ModelConfig, {"preset": "tiny"}).lora
     model, tokenizers, model_cfg = load_model(init_dir, lora)

@@ -70,6 +70,10 @@ class OptimSettings:
     Attributes:
         lr: Learning rate of every trainable non-LoRA parameter (official 2e-5).
         lora_lr: Learning rate of the LoRA A/B matrices (official 5e-5).
+        embedding_lr: Learning rate of the LLM's token embeddings and output head when
+            they are trained; 0 = ``lr`` (official). A pretrained LLM whose new parts (Q-Former,
+            heads) need a large ``lr`` keeps its vocabulary at a fine-tuning rate here: every
+            output-head row gets a gradient on every step.
         weight_decay: AdamW weight decay (official 0).
         betas: AdamW ``(beta1, beta2)``.
         eps: AdamW epsilon.
@@ -84,6 +88,7 @@ class OptimSettings:
 
     lr: float = 2e-5
     lora_lr: float = 5e-5
+    embedding_lr: float = 0.0
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -250,6 +255,8 @@ class TrainJobConfig:
             raise ConfigError(f"optim.betas: expected two values in [0, 1), got {o.betas!r}")
         if o.lr <= 0 or o.lora_lr <= 0:
             raise ConfigError("optim.lr and optim.lora_lr must be > 0")
+        if o.embedding_lr < 0:
+            raise ConfigError("optim.embedding_lr must be >= 0 (0 = optim.lr)")
         if not 0.0 <= o.warmup_ratio < 1.0:
             raise ConfigError("optim.warmup_ratio must be in [0, 1)")
         if o.max_grad_norm < 0:

@@ -125,25 +125,36 @@ def load_model(init_dir: str | Path, lora: LoraSettings) -> tuple[D2VLM, Tokeniz
 
 
 def param_groups(model: nn.Module, optim: OptimSettings) -> list[dict[str, Any]]:
-    """Two AdamW groups: LoRA matrices at ``lora_lr``, every other trainable at ``lr``.
+    """AdamW groups: LoRA matrices at ``lora_lr``, the LLM's token embeddings and output
+    head at ``embedding_lr`` (``lr`` when 0), every other trainable at ``lr``.
 
-    The frozen frame encoder (and any frozen weight) is in neither group.
+    The frozen frame encoder (and any frozen weight) is in no group. Group order is
+    lora, embedding, other: the training log reads the first and last group's rates.
 
     Raises:
         ValueError: If a frame-encoder parameter is trainable (the cache keys would lie).
     """
-    lora, other = [], []
+    lora, embedding, other = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         group = parameter_group(name.removeprefix("model."))
         if group == "vision":
             raise ValueError(f"{name}: the frame encoder must stay frozen")
-        (lora if group == "lora" else other).append(param)
-    if not lora and not other:
+        if group == "lora":
+            lora.append(param)
+        elif group in ("embed", "lm_head") and optim.embedding_lr > 0:
+            embedding.append(param)
+        else:
+            other.append(param)
+    if not lora and not embedding and not other:
         raise ValueError("no trainable parameters")
     groups = []
-    for name, params, lr in (("lora", lora, optim.lora_lr), ("other", other, optim.lr)):
+    for name, params, lr in (
+        ("lora", lora, optim.lora_lr),
+        ("embedding", embedding, optim.embedding_lr),
+        ("other", other, optim.lr),
+    ):
         if params:
             groups.append({"params": params, "lr": lr, "weight_decay": optim.weight_decay, "name": name})
     return groups
