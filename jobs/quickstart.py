@@ -79,6 +79,7 @@ class QuickstartConfig:
         sft_grad_clip: Global gradient-norm clip of SFT (0 = off).
         fpo_grad_clip: Global gradient-norm clip of FPO (0 = off).
         train_workers: Ray Train workers (DeepSpeed ranks).
+        cache_encode_actors: Frame-encoder actors of the cache build (one CPU each).
         pair_variants: Rejected variants per chosen sample.
         pref_max_pairs: Held-out preference pairs scored (0 = all of them).
         eval_untrained: Also evaluate the initial model (a row of the table).
@@ -138,6 +139,7 @@ class QuickstartConfig:
     sft_grad_clip: float = 5.0
     fpo_grad_clip: float = 1.0
     train_workers: int = 2
+    cache_encode_actors: int = 1
     pair_variants: int = 1
     pref_max_pairs: int = 0
     eval_untrained: bool = True
@@ -190,6 +192,7 @@ REAL_SMALL: dict[str, Any] = {
     "fpo_batch_size": 1,
     "train_workers": 1,
     "train_cpus_per_worker": 2.0,
+    "cache_encode_actors": 2,
     "pref_max_pairs": 48,
     "eval_untrained": False,
     "eval_max_new_tokens": 96,
@@ -274,7 +277,7 @@ def build_cache_settings(
         "checkpoint": str(init_ckpt),
         "run_dir": str(out / "build_cache"),
         "features": asdict(feature_spec(cfg, out)),
-        "encode_actors": 1,
+        "encode_actors": cfg.cache_encode_actors,
     }
 
 
@@ -502,7 +505,8 @@ def _group_metrics(predictions_path: str, groups: dict[str, str]) -> dict[str, d
 
 
 def _caption_similarity(predictions_path: str) -> float | None:
-    """E.T. Bench SentSim (all-MiniLM-L6-v2, D2VLM's delimiter) of the dense-captioning predictions."""
+    """E.T. Bench SentSim of the dense-captioning predictions (all-MiniLM-L6-v2 from the packaged
+    weights, D2VLM's delimiter, the pure-Python PTB normalisation; no METEOR/CIDEr here)."""
     from d2vlm_ray.eval.etbench import eval_dvc, get_variant
     from d2vlm_ray.eval.similarity import SentenceSimilarity
 
@@ -512,7 +516,7 @@ def _caption_similarity(predictions_path: str) -> float | None:
         return None
     similarity = SentenceSimilarity()
     result = eval_dvc(samples, get_variant("d2vlm"), lambda: similarity, with_coco=False)
-    return result.get("Sim")
+    return result["SentSim"]
 
 
 def run(cfg: QuickstartConfig, preset: str) -> dict[str, Any]:

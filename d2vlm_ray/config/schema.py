@@ -117,6 +117,10 @@ class LLMConfig:
             initialise the LLM when :func:`d2vlm_ray.model.checkpoint.init_checkpoint` first
             builds a model; its vocabulary rows are copied and the rows of added tokens
             start at the mean embedding. Empty = random. Loading a checkpoint never reads it.
+        pretrained_vocab_size: Vocabulary rows that came from pretrained weights (set by
+            ``init_checkpoint`` when it loads ``weights_dir``; 0 = none). The rows after them
+            are the tokens the project added (``<evi>``, ``</evi>``); ``lora.vocab_rows: new``
+            trains only those.
     """
 
     family: Literal["phi3", "llama"] = "phi3"
@@ -131,6 +135,7 @@ class LLMConfig:
     rms_norm_eps: float = 1e-5
     sliding_window: int | None = 2048
     weights_dir: str = ""
+    pretrained_vocab_size: int = 0
 
 
 @dataclass
@@ -148,6 +153,12 @@ class LoraSettings:
             policy plus the rest of the Q-Former (BERT embeddings and FFNs), for a Q-Former
             that starts random rather than from InstructBLIP; ``heads`` = LoRA and heads
             only; ``all`` = everything except the frozen frame encoder.
+        vocab_rows: Which rows of a trained ``embed_tokens``/``lm_head`` learn: ``all``
+            (official) or ``new``, only the rows of added tokens (after
+            ``llm.pretrained_vocab_size``). Every output-head row gets a gradient on every
+            step, so with ``all`` a rate that suits freshly initialised parts moves a pretrained
+            vocabulary away from the LLM it came from; with ``new`` the pretrained rows get a
+            zero gradient and AdamW (no weight decay) leaves them exactly as they were.
     """
 
     r: int = 128
@@ -155,6 +166,7 @@ class LoraSettings:
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("qkv_proj", "o_proj")
     tuning_mode: Literal["attention", "full_compressor", "heads", "all"] = "attention"
+    vocab_rows: Literal["all", "new"] = "all"
 
 
 @dataclass
@@ -169,9 +181,14 @@ class ModelConfig:
         tokenizer_dir: Directory of the LLM tokenizer (HF format). Empty means
             "build the tiny tokenizer locally" for ``tiny`` and is an error otherwise.
         inject_layer_idx: ``hidden_states`` index whose frame states are averaged into
-            ``<evi>`` embeddings (official 6, the output of block 6).
+            ``<evi>`` embeddings (official 6, the output of block 6; 0 = the frame tokens
+            themselves, i.e. the LLM's input). A pretrained LLM's middle layers can carry
+            massive activations that would swamp the ``<evi>`` embedding they are added to
+            (SmolLM2-135M at layer 6: token norm ~140, one dimension ~750, against ~3 for its
+            token embeddings), which is why ``real-small`` injects the frame tokens.
         ground_layer_idx: ``hidden_states`` index the grounding heads read (official
-            ``num_layers - 1``, the input of the last block).
+            ``num_layers - 1``, the input of the last block; ``num_layers`` = the output of the
+            final norm).
         alpha: Base of the soft grounding targets ``alpha ** -distance`` (official 2). The
             model's constant, saved with the checkpoint (the official config carries it
             too): the SFT and FPO losses and preference evaluation all read it from here.
@@ -218,9 +235,9 @@ class ModelConfig:
                 )
             if self.vision.variant not in tuple(f"lite{i}" for i in range(5)):
                 raise ValueError(f"model.vision.variant: unknown EfficientNet-Lite variant {self.vision.variant!r}")
-        if not 0 < self.inject_layer_idx < self.ground_layer_idx <= self.llm.num_layers:
+        if not 0 <= self.inject_layer_idx < self.ground_layer_idx <= self.llm.num_layers:
             raise ValueError(
-                "model: need 0 < inject_layer_idx < ground_layer_idx <= llm.num_layers, got "
+                "model: need 0 <= inject_layer_idx < ground_layer_idx <= llm.num_layers, got "
                 f"inject_layer_idx={self.inject_layer_idx}, ground_layer_idx={self.ground_layer_idx}, "
                 f"llm.num_layers={self.llm.num_layers}"
             )

@@ -269,11 +269,14 @@ def _read_weights(weights_dir: Path, setting: str) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def load_llm_weights(llm: nn.Module, weights_dir: str | Path) -> None:
+def load_llm_weights(llm: nn.Module, weights_dir: str | Path) -> int:
     """Copy pretrained HF causal-LM weights into ``llm`` (not yet wrapped by peft).
 
     ``embed_tokens`` and ``lm_head`` keep the pretrained rows and start added tokens at the
     mean row; every other tensor must match by name and shape.
+
+    Returns:
+        The number of pretrained vocabulary rows (the added tokens' rows follow them).
 
     Raises:
         BackboneWeightsError: On a missing file, missing/extra keys or a shape mismatch.
@@ -282,10 +285,12 @@ def load_llm_weights(llm: nn.Module, weights_dir: str | Path) -> None:
     setting = "model.llm.weights_dir"
     state = _read_weights(weights_dir, setting)
     target = llm.state_dict()
+    pretrained_rows = int(state["model.embed_tokens.weight"].shape[0]) if "model.embed_tokens.weight" in state else 0
     for key in ("model.embed_tokens.weight", "lm_head.weight"):
         if key in state and key in target:
             state[key] = _mean_init_rows(state[key], target[key].shape[0], f"{setting}={str(weights_dir)!r} {key}")
     _load_strict(llm, state, weights_dir, setting)
+    return pretrained_rows
 
 
 def load_vision_weights(vision: nn.Module, family: str, weights_dir: str | Path) -> None:

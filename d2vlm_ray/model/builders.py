@@ -165,6 +165,7 @@ def build_d2vlm(
         evidence_injection=cfg.evidence_injection,
         alpha=cfg.alpha,
         span_threshold=cfg.span_threshold,
+        pretrained_vocab_size=cfg.llm.pretrained_vocab_size,
     )
 
 

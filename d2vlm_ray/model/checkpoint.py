@@ -35,6 +35,7 @@ other ``compressor.qformer.*``                      ``model.qformer_bert.bert.*`
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import math
 import re
 from pathlib import Path
@@ -404,7 +405,10 @@ def init_checkpoint(cfg: ModelConfig, out_dir: str | Path, seed: int = 0) -> Pat
         from d2vlm_ray.model.backbones import load_llm_weights, load_vision_weights
 
         if cfg.llm.weights_dir:
-            load_llm_weights(model.llm, cfg.llm.weights_dir)
+            rows = load_llm_weights(model.llm, cfg.llm.weights_dir)
+            # Saved with the checkpoint, so a later lora.vocab_rows: new knows which rows are new.
+            cfg = replace(cfg, llm=replace(cfg.llm, pretrained_vocab_size=rows))
+            model.pretrained_vocab_size = rows
         if cfg.vision.weights_dir:
             load_vision_weights(model.vision, cfg.vision.family, cfg.vision.weights_dir)
     return save_pretrained(model, cfg, tokenizers, out_dir)

@@ -122,6 +122,8 @@ class D2VLM(nn.Module):
         evidence_injection: Add event features to ``<evi>`` embeddings.
         alpha: Base of the soft grounding targets the losses score against.
         span_threshold: Fraction of the max frame probability kept when decoding a span.
+        pretrained_vocab_size: Vocabulary rows that came from pretrained weights (0 = none);
+            the trainable policy may train only the rows after them.
     """
 
     def __init__(
@@ -137,6 +139,7 @@ class D2VLM(nn.Module):
         evidence_injection: bool = True,
         alpha: float = 2.0,
         span_threshold: float = 0.6,
+        pretrained_vocab_size: int = 0,
     ) -> None:
         super().__init__()
         self.vision = vision
@@ -152,6 +155,7 @@ class D2VLM(nn.Module):
         self.evidence_injection = evidence_injection
         self.alpha = alpha
         self.span_threshold = span_threshold
+        self.pretrained_vocab_size = pretrained_vocab_size
         self.score_scale = 1.0 / math.sqrt(width)
 
     @property

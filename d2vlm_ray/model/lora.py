@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
 from torch import nn
 
 from d2vlm_ray.config.schema import LoraSettings
@@ -35,7 +36,7 @@ def apply_lora(model: D2VLM, settings: LoraSettings) -> D2VLM:
         task_type="CAUSAL_LM",
     )
     model.llm = get_peft_model(model.llm, lora_cfg)
-    set_trainable(model, settings.tuning_mode)
+    set_trainable(model, settings.tuning_mode, settings.vocab_rows)
     return model
 
 
@@ -67,11 +68,17 @@ def parameter_group(name: str) -> str:
     return "llm"
 
 
-def set_trainable(model: D2VLM, tuning_mode: str) -> None:
+def set_trainable(model: D2VLM, tuning_mode: str, vocab_rows: str = "all") -> None:
     """Freeze everything, then unfreeze what ``tuning_mode`` trains.
 
     Modes: ``attention`` (official), ``full_compressor`` (official plus the whole Q-Former,
     for a Q-Former that starts random), ``heads`` (LoRA and heads), ``all`` (all but vision).
+    With ``vocab_rows="new"`` a trained ``embed_tokens``/``lm_head`` learns only the rows
+    after ``model.pretrained_vocab_size`` (the tokens the project added).
+
+    Raises:
+        ValueError: On an unknown mode, or ``vocab_rows="new"`` for a model whose
+            vocabulary has no pretrained rows.
     """
     trained = {
         "attention": {"lora", "embed", "lm_head", "frm_head", "evi_head", "qformer"},
@@ -81,8 +88,35 @@ def set_trainable(model: D2VLM, tuning_mode: str) -> None:
     }
     if tuning_mode not in trained:
         raise ValueError(f"model.lora.tuning_mode: unknown mode {tuning_mode!r}; choose from {sorted(trained)}")
+    if vocab_rows not in ("all", "new"):
+        raise ValueError(f"model.lora.vocab_rows: expected 'all' or 'new', got {vocab_rows!r}")
     for name, param in model.named_parameters():
         param.requires_grad_(parameter_group(name) in trained[tuning_mode])
+    if vocab_rows == "new":
+        _train_new_rows_only(model)
+
+
+def _train_new_rows_only(model: D2VLM) -> None:
+    """Zero the gradient of every pretrained row of the trained vocabulary matrices.
+
+    A tensor hook acts before DeepSpeed or any optimizer sees the gradient; with zero
+    gradients from the start AdamW's moments stay zero and (weight decay 0) the rows do not
+    move at all.
+    """
+    first_new = int(getattr(model, "pretrained_vocab_size", 0))
+    if first_new <= 0:
+        raise ValueError(
+            "model.lora.vocab_rows: 'new' needs a model whose vocabulary came from pretrained weights "
+            "(llm.pretrained_vocab_size > 0, set when init_checkpoint loads llm.weights_dir)"
+        )
+    llm = model.causal_lm
+    for weight in (llm.get_input_embeddings().weight, llm.get_output_embeddings().weight):
+        if not weight.requires_grad or getattr(weight, "_d2vlm_new_rows_hook", False):
+            continue
+        mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)  # [V, 1]
+        mask[first_new:] = 1.0
+        weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.dtype))
+        weight._d2vlm_new_rows_hook = True
 
 
 def trainable_counts(model: nn.Module) -> OrderedDict[str, int]:
