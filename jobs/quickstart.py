@@ -434,8 +434,8 @@ def _clips_dir(cfg: QuickstartConfig) -> Path:
     return path
 
 
-def _prepare_benchmark(cfg: QuickstartConfig, out: Path, stages: Stages) -> Benchmark:
-    """Render the synthetic benchmark or build the montage benchmark from real clips."""
+def _prepare_benchmark(cfg: QuickstartConfig, out: Path, stages: Stages, clips: Path | None) -> Benchmark:
+    """Render the synthetic benchmark or build the montage benchmark from the real ``clips``."""
     if cfg.benchmark == "synthetic":
         from d2vlm_ray.data.synthetic import generate_benchmark
 
@@ -452,7 +452,8 @@ def _prepare_benchmark(cfg: QuickstartConfig, out: Path, stages: Stages) -> Benc
 
     root = out / "montage"
     descriptions = Path(cfg.descriptions) if cfg.descriptions else PACKAGED_DESCRIPTIONS
-    clips = _clips_dir(cfg)
+    if clips is None:
+        raise ConfigError("clips_dir: the montage benchmark needs a folder of real clips")
     summary = stages.run(
         "build montage benchmark from real clips",
         lambda: build_montage_benchmark(clips, descriptions, root, seed=cfg.seed, **cfg.montage),
@@ -537,12 +538,13 @@ def run(cfg: QuickstartConfig, preset: str) -> dict[str, Any]:
     from d2vlm_ray.train.trainer import train_fpo, train_sft
 
     out = Path(cfg.out_dir).resolve()
+    clips = _clips_dir(cfg) if cfg.benchmark == "montage" else None  # a config error before Ray starts
     dump_config(cfg, out)
     stages = Stages()
     started_s = time.perf_counter()  # the wall clock includes starting Ray, which no stage times
     started_ray = ensure_ray(cfg.num_cpus)
     try:
-        bench = _prepare_benchmark(cfg, out, stages)
+        bench = _prepare_benchmark(cfg, out, stages, clips)
         root, ann = bench.root, bench.annotations
         init_ckpt = _initial_model(cfg, out, stages)
         manifest = out / "build_cache" / "manifest.txt"

@@ -66,3 +66,22 @@ def test_model_lora_overrides_reach_both_training_stages(tmp_path) -> None:
     for stage in ("sft", "fpo"):
         lora = _train_config(cfg, stage, tmp_path, str(tmp_path / "init"), {"train": "x.json"}).model.lora
         assert (lora.r, lora.tuning_mode) == (4, "heads")
+
+
+def test_real_small_preset_is_a_valid_config_whose_training_keeps_its_lora_policy(tmp_path) -> None:
+    from jobs.quickstart import REAL_SMALL
+
+    cfg = from_dict(QuickstartConfig, {**REAL_SMALL, "out_dir": str(tmp_path)})
+    assert (cfg.benchmark, cfg.model.preset, cfg.model.llm.family) == ("montage", "real-small", "llama")
+    for stage in ("sft", "fpo"):
+        tc = _train_config(cfg, stage, tmp_path, str(tmp_path / "init"), {"train": "x.json"})
+        assert tc.model.lora.vocab_rows == "new" and "q_proj" in tc.model.lora.target_modules
+        assert tc.scaling.num_workers == 1 and tc.scaling.cpus_per_worker == 2.0
+
+
+def test_real_small_without_clips_is_a_config_error(monkeypatch: pytest.MonkeyPatch, tmp_path, capsys) -> None:
+    monkeypatch.delenv("D2VLM_REAL_MEDIA_DIR", raising=False)
+    assert main(["--preset", "real-small", f"out_dir={tmp_path}"]) == 2
+    assert "clips_dir" in capsys.readouterr().err
+    assert main(["--preset", "real-small", f"out_dir={tmp_path}", f"clips_dir={tmp_path / 'nope'}"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
