@@ -193,7 +193,6 @@ REAL_SMALL: dict[str, Any] = {
     "fpo_batch_size": 1,
     "train_workers": 1,
     "train_cpus_per_worker": 2.0,
-    "cache_encode_actors": 2,
     "pref_max_pairs": 48,
     "eval_untrained": False,
     "eval_max_new_tokens": 96,

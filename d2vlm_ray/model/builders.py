@@ -82,30 +82,8 @@ def build_llm(cfg: ModelConfig, pad_token_id: int) -> Phi3ForCausalLM | LlamaFor
         ValueError: On an unknown family.
     """
     c = cfg.llm
-    if c.family == "llama":
-        llama_cfg = LlamaConfig(
-            vocab_size=c.vocab_size,
-            hidden_size=c.hidden_size,
-            intermediate_size=c.intermediate_size,
-            num_hidden_layers=c.num_layers,
-            num_attention_heads=c.num_heads,
-            num_key_value_heads=c.num_kv_heads,
-            max_position_embeddings=c.max_position_embeddings,
-            rope_theta=c.rope_theta,
-            rms_norm_eps=c.rms_norm_eps,
-            hidden_act="silu",
-            attention_bias=False,
-            mlp_bias=False,
-            tie_word_embeddings=False,
-            pad_token_id=pad_token_id,
-            bos_token_id=None,
-            eos_token_id=None,
-            attn_implementation="eager",
-        )
-        return LlamaForCausalLM(llama_cfg)
-    if c.family != "phi3":
-        raise ValueError(f"model.llm.family: unknown family {c.family!r}")
-    hf_cfg = Phi3Config(
+    # Both families: eager attention (the explicit 4-D mask needs it) and untied embeddings.
+    common = dict(
         vocab_size=c.vocab_size,
         hidden_size=c.hidden_size,
         intermediate_size=c.intermediate_size,
@@ -113,15 +91,20 @@ def build_llm(cfg: ModelConfig, pad_token_id: int) -> Phi3ForCausalLM | LlamaFor
         num_attention_heads=c.num_heads,
         num_key_value_heads=c.num_kv_heads,
         max_position_embeddings=c.max_position_embeddings,
-        original_max_position_embeddings=c.max_position_embeddings,
         rope_theta=c.rope_theta,
         rms_norm_eps=c.rms_norm_eps,
-        sliding_window=c.sliding_window,
         tie_word_embeddings=False,
         pad_token_id=pad_token_id,
         bos_token_id=None,
         eos_token_id=None,
         attn_implementation="eager",
+    )
+    if c.family == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common, hidden_act="silu", attention_bias=False, mlp_bias=False))
+    if c.family != "phi3":
+        raise ValueError(f"model.llm.family: unknown family {c.family!r}")
+    hf_cfg = Phi3Config(
+        **common, original_max_position_embeddings=c.max_position_embeddings, sliding_window=c.sliding_window
     )
     return Phi3ForCausalLM(hf_cfg)
 
