@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from d2vlm_ray.cache.spec import SERVE_DEFAULT_MAX_FRAMES, FeatureSpec
-from d2vlm_ray.config import ConfigError, ModelConfig, dump_config, from_dict, load_config
+from d2vlm_ray.config import ConfigError, ModelConfig, dump_config, from_dict, load_config, merge_dicts
 
 log = logging.getLogger("jobs.quickstart")
 T = TypeVar("T")
@@ -446,7 +446,7 @@ def _prepare_benchmark(cfg: QuickstartConfig, out: Path, stages: Stages, clips: 
             ),
         )
         ann = {s: synth / "annotations" / f"{s}.json" for s in ("train", "val", "test")}
-        return Benchmark(synth, ann, {}, summary if isinstance(summary, dict) else {})
+        return Benchmark(synth, ann, {}, summary)
     from d2vlm_ray.data.montage import PACKAGED_DESCRIPTIONS, build_montage_benchmark
 
     root = out / "montage"
@@ -477,26 +477,23 @@ def _initial_model(cfg: QuickstartConfig, out: Path, stages: Stages) -> Path:
 
         bb_dir = Path(cfg.backbones_dir).resolve() if cfg.backbones_dir else out / "backbones"
         stages.run("import pretrained backbones", lambda: import_backbones(bb_dir))
-        model_cfg = from_dict(ModelConfig, _merge_dicts(asdict(cfg.model), backbone_overrides(str(bb_dir))))
+        model_cfg = from_dict(ModelConfig, merge_dicts(asdict(cfg.model), backbone_overrides(str(bb_dir))))
     return stages.run(
         f"initialise {cfg.model.preset} model",
         lambda: init_checkpoint(model_cfg, out / "checkpoints" / "init", seed=cfg.seed),
     )
 
 
-def _merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge_dicts(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+def _read_predictions(path: str) -> list[dict[str, Any]]:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def _group_metrics(predictions_path: str, groups: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """Headline grounding numbers per test group (``seen`` / ``unseen``) from a prediction file."""
+def _group_metrics(predictions: list[dict[str, Any]], groups: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Headline grounding numbers per test group (``seen`` / ``unseen``) of one model's predictions."""
     from d2vlm_ray.eval.report import synthetic_metrics
 
     by_group: dict[str, list[dict[str, Any]]] = {}
-    for record in json.loads(Path(predictions_path).read_text(encoding="utf-8")):
+    for record in predictions:
         group = groups.get(str(record.get("sample_id")))
         if group is not None:
             by_group.setdefault(group, []).append(record)
@@ -505,13 +502,12 @@ def _group_metrics(predictions_path: str, groups: dict[str, str]) -> dict[str, d
     }
 
 
-def _caption_similarity(predictions_path: str) -> float | None:
+def _caption_similarity(predictions: list[dict[str, Any]]) -> float | None:
     """E.T. Bench SentSim of the dense-captioning predictions (all-MiniLM-L6-v2 from the packaged
     weights, D2VLM's delimiter, the pure-Python PTB normalisation; no METEOR/CIDEr here)."""
     from d2vlm_ray.eval.etbench import eval_dvc, get_variant
     from d2vlm_ray.eval.similarity import SentenceSimilarity
 
-    predictions = json.loads(Path(predictions_path).read_text(encoding="utf-8"))
     samples = [r for r in predictions if r.get("task") == "dvc"]
     if not samples:
         return None
@@ -636,15 +632,16 @@ def run(cfg: QuickstartConfig, preset: str) -> dict[str, Any]:
             "serve: one grounding and one answering request over HTTP",
             lambda: _serve_demo(cfg, out, root, fpo["model_dir"], str(root / test_video.video), test_video.query),
         )
+        predictions = {name: _read_predictions(result["predictions"]) for name, result in evals.items()}
         groups = (
-            {name: _group_metrics(result["predictions"], bench.test_groups) for name, result in evals.items()}
+            {name: _group_metrics(preds, bench.test_groups) for name, preds in predictions.items()}
             if bench.test_groups
             else {}
         )
         caption_sim = (
             stages.run(
                 "dense-captioning SentSim (all-MiniLM-L6-v2)",
-                lambda: {name: _caption_similarity(result["predictions"]) for name, result in evals.items()},
+                lambda: {name: _caption_similarity(preds) for name, preds in predictions.items()},
             )
             if cfg.benchmark == "montage" and "dvc" in cfg.eval_tasks
             else {}

@@ -117,7 +117,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
             base = preset_defaults(data["preset"])
         except ValueError as exc:
             raise ConfigError(f"{prefix}{exc}") from None
-        data = _merge(base, data)
+        data = merge_dicts(base, data)
     hints = typing.get_type_hints(cls)
     names = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in names]
@@ -135,7 +135,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         if dataclasses.is_dataclass(default) and isinstance(value, Mapping) and "preset" not in value:
             # A partial section overrides the field's default instance, not the class defaults
             # (a job whose model defaults to the tiny preset stays tiny when one value changes).
-            value = _merge(to_dict(default), value)
+            value = merge_dicts(to_dict(default), value)
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     try:
         obj = cls(**kwargs)
@@ -197,11 +197,12 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return nested
 
 
-def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+def merge_dicts(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update`` merged in recursively (nested mappings merge, other values replace)."""
     out = dict(base)
     for key, value in update.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _merge(dict(out[key]), value)
+            out[key] = merge_dicts(dict(out[key]), value)
         else:
             out[key] = value
     return out
@@ -233,7 +234,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"{path}: the top level must be a mapping")
         data = dict(loaded)
-    data = _merge(data, parse_overrides(overrides))
+    data = merge_dicts(data, parse_overrides(overrides))
     return from_dict(cls, data)
 
 
