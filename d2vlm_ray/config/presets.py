@@ -1,5 +1,7 @@
-"""Named model presets: ``tiny`` (CPU tests and the quickstart), ``phi3-mini`` (official sizes)
-and ``real-small`` (pretrained SmolLM2-135M + EfficientNet-Lite0, trainable on a laptop CPU)."""
+"""Named model presets: ``tiny`` (CPU tests and the quickstart), ``phi3-mini`` (official sizes),
+``real-small`` (pretrained SmolLM2-135M + EfficientNet-Lite0, trainable on a laptop CPU), and
+the Grounded-VideoLLM family's ``tiny-gvl`` (the ``tiny`` LLM) and ``grounded-videollm``
+(official sizes)."""
 
 from __future__ import annotations
 
@@ -153,7 +155,74 @@ _REAL_SMALL: dict[str, Any] = {
     },
 }
 
-PRESETS: dict[str, dict[str, Any]] = {"tiny": _TINY, "phi3-mini": _PHI3_MINI, "real-small": _REAL_SMALL}
+# Grounded-VideoLLM at the tiny LLM size of ``tiny`` (same LLM, same LoRA), so the two
+# families compare at one size: a tiny CLIP ViT (2×2 patches) for keyframes, a tiny
+# TimeSformer for segments, 12 segments of 1 spatial + 2 temporal tokens (36 video tokens;
+# D2VLM-tiny gives one per sampled frame, 10-60 at 1 fps) and M = 100 temporal tokens.
+_TINY_GVL: dict[str, Any] = {
+    **copy.deepcopy(_TINY),
+    "preset": "tiny-gvl",
+    "family": "grounded_videollm",
+    "vision": {
+        "family": "clip",
+        "image_size": 56,
+        "patch_size": 28,
+        "hidden_size": 48,
+        "num_layers": 2,
+        "num_heads": 2,
+        "intermediate_size": 96,
+        "layer_norm_eps": 1e-5,
+    },
+    "video": {
+        "image_size": 56,
+        "patch_size": 28,
+        "hidden_size": 48,
+        "num_layers": 2,
+        "num_heads": 2,
+        "intermediate_size": 96,
+        "num_frames": 8,
+        "layer_norm_eps": 1e-6,
+    },
+    "gvl": {"num_segments": 12, "spatial_pool": 1, "temporal_pool": 1, "temporal_frames": 2, "num_temporal_tokens": 100},
+}
+
+# Grounded-VideoLLM's official sizes with the Phi-3.5 LLM: Phi-3.5-V's CLIP ViT-L/14 at
+# 336 px for keyframes; for segments an InternVideo2-1B-sized TimeSformer (1408 wide, 40
+# blocks, 14 px patches at 224; InternVideo2's own weights do not load into it).
+_GVL_PHI3: dict[str, Any] = {
+    **copy.deepcopy(_PHI3_MINI),
+    "preset": "grounded-videollm",
+    "family": "grounded_videollm",
+    "vision": {
+        "family": "clip",
+        "image_size": 336,
+        "patch_size": 14,
+        "hidden_size": 1024,
+        "num_layers": 24,
+        "num_heads": 16,
+        "intermediate_size": 4096,
+        "layer_norm_eps": 1e-5,
+    },
+    "video": {
+        "image_size": 224,
+        "patch_size": 14,
+        "hidden_size": 1408,
+        "num_layers": 40,
+        "num_heads": 16,
+        "intermediate_size": 6144,
+        "num_frames": 8,
+        "layer_norm_eps": 1e-6,
+    },
+    "gvl": {"num_segments": 12, "spatial_pool": 8, "temporal_pool": 4, "temporal_frames": 8, "num_temporal_tokens": 300},
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": _TINY,
+    "phi3-mini": _PHI3_MINI,
+    "real-small": _REAL_SMALL,
+    "tiny-gvl": _TINY_GVL,
+    "grounded-videollm": _GVL_PHI3,
+}
 
 
 def backbone_overrides(backbones_dir: str) -> dict[str, Any]:

@@ -12,11 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 
-VISION_FAMILIES = ("eva", "efficientnet_lite")
+VISION_FAMILIES = ("eva", "efficientnet_lite", "clip")
 """Frame-encoder families :func:`d2vlm_ray.model.vision.build_vision_model` builds."""
 
 LLM_FAMILIES = ("phi3", "llama")
 """Language-model families :func:`d2vlm_ray.model.builders.build_llm` builds."""
+
+MODEL_FAMILIES = ("d2vlm", "grounded_videollm")
+"""Grounding strategies :func:`d2vlm_ray.model.builders.build_model` builds: D2VLM's evidence
+tokens and similarity head, or Grounded-VideoLLM's two-stream encoder and temporal tokens."""
 
 # The linear layers peft can put adapters on, per LLM family (transformers' module names).
 LORA_TARGETS: dict[str, tuple[str, ...]] = {
@@ -30,11 +34,14 @@ EFFICIENTNET_STRIDE = 32
 
 @dataclass
 class VisionConfig:
-    """The frozen frame encoder: EVA ViT-g / BLIP-2 (official) or an EfficientNet-Lite.
+    """The frozen frame encoder: EVA ViT-g / BLIP-2 (official), an EfficientNet-Lite, or a CLIP ViT.
 
     Attributes:
-        family: ``eva`` (the official BLIP-2 ViT) or ``efficientnet_lite`` (a CNN whose last
-            feature map, flattened, gives the patch features; no pooling, no classifier).
+        family: ``eva`` (the official BLIP-2 ViT), ``efficientnet_lite`` (a CNN whose last
+            feature map, flattened, gives the patch features; no pooling, no classifier) or
+            ``clip`` (transformers' ``CLIPVisionModel``, patches of its second-to-last layer;
+            the image side of Grounded-VideoLLM, whose official weights are Phi-3.5-V's
+            CLIP ViT-L/14 at 336 px).
         image_size: Square input side in pixels (official 224).
         patch_size: Patch side in pixels (official 14 → 16×16 patches). For
             ``efficientnet_lite`` it is the network's output stride and must be 32
@@ -55,7 +62,7 @@ class VisionConfig:
             random. Checkpoints carry every weight, so loading one never reads it.
     """
 
-    family: Literal["eva", "efficientnet_lite"] = "eva"
+    family: Literal["eva", "efficientnet_lite", "clip"] = "eva"
     image_size: int = 224
     patch_size: int = 14
     hidden_size: int = 1408
@@ -67,6 +74,60 @@ class VisionConfig:
     width_coefficient: float = 0.0
     depth_coefficient: float = 0.0
     weights_dir: str = ""
+
+
+@dataclass
+class VideoEncoderConfig:
+    """The frozen video encoder of Grounded-VideoLLM's temporal stream (transformers' TimeSformer).
+
+    The official model uses InternVideo2-1B (not in transformers); its weights do not map
+    onto TimeSformer (see :mod:`d2vlm_ray.model.two_stream`). Unused by the ``d2vlm`` family.
+
+    Attributes:
+        image_size: Square input side in pixels (official InternVideo2: 224).
+        patch_size: Patch side in pixels (14 → 16×16 patches at 224).
+        hidden_size: Token width C_v.
+        num_layers: Transformer blocks.
+        num_heads: Attention heads.
+        intermediate_size: MLP width.
+        num_frames: Rows of the learned time embedding; segments with other frame counts
+            interpolate it (TimeSformer does so itself).
+        layer_norm_eps: LayerNorm epsilon.
+    """
+
+    image_size: int = 224
+    patch_size: int = 16
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    num_frames: int = 8
+    layer_norm_eps: float = 1e-6
+
+
+@dataclass
+class GVLSettings:
+    """Grounded-VideoLLM's two-stream layout and temporal vocabulary (official values in brackets).
+
+    Attributes:
+        num_segments: K segments a video's sampled frames are split into, contiguous and as
+            equal as possible (official 12); videos with fewer frames get one per frame.
+        spatial_pool: Side of the 2-D average pool over a keyframe's patch grid; the spatial
+            stream has ``spatial_pool ** 2`` tokens per segment (official 8 → 64).
+        temporal_pool: Side of the 2-D pool over each frame of the temporal stream
+            (official 4 → 16 tokens per frame).
+        temporal_frames: Frames per segment the temporal stream keeps after pooling over
+            time (official 8, every frame of a segment); the stream has
+            ``temporal_frames * temporal_pool ** 2`` tokens per segment.
+        num_temporal_tokens: M; the vocabulary gains ``<0> … <M>`` and a time t in a video
+            of duration d becomes ``<round(t / d · M)>`` (official 300).
+    """
+
+    num_segments: int = 12
+    spatial_pool: int = 8
+    temporal_pool: int = 4
+    temporal_frames: int = 8
+    num_temporal_tokens: int = 300
 
 
 @dataclass
@@ -171,11 +232,18 @@ class LoraSettings:
 
 @dataclass
 class ModelConfig:
-    """The whole D2VLM architecture plus its grounding constants.
+    """The whole architecture of either model family plus its grounding constants.
 
     Attributes:
-        preset: Name of the preset these values started from (``tiny`` or ``phi3-mini``).
-        vision: Frame encoder settings.
+        preset: Name of the preset these values started from (``tiny``, ``phi3-mini``, ...).
+        family: ``d2vlm`` (evidence tokens, similarity head; the default) or
+            ``grounded_videollm`` (two-stream encoder, temporal tokens ``<0> … <M>``). The
+            Grounded-VideoLLM family uses ``vision`` as its image encoder, ``video`` and
+            ``gvl``; it has no Q-Former (``qformer`` only names its tokenizer), no grounding
+            heads and no ``<evi>`` injection.
+        vision: Frame encoder settings (the spatial stream's image encoder for Grounded-VideoLLM).
+        video: Video encoder of Grounded-VideoLLM's temporal stream.
+        gvl: Grounded-VideoLLM's segments, pooling and temporal vocabulary.
         qformer: Compressor settings.
         llm: Language-model settings.
         tokenizer_dir: Directory of the LLM tokenizer (HF format). Empty means
@@ -200,7 +268,10 @@ class ModelConfig:
     """
 
     preset: str = "phi3-mini"
+    family: Literal["d2vlm", "grounded_videollm"] = "d2vlm"
     vision: VisionConfig = field(default_factory=VisionConfig)
+    video: VideoEncoderConfig = field(default_factory=VideoEncoderConfig)
+    gvl: GVLSettings = field(default_factory=GVLSettings)
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     tokenizer_dir: str = ""
@@ -214,6 +285,17 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Cross-field checks; raises ``ValueError`` naming the field."""
+        if self.family not in MODEL_FAMILIES:
+            raise ValueError(f"model.family: unknown family {self.family!r}; choose one of {list(MODEL_FAMILIES)}")
+        if self.family == "grounded_videollm":
+            g = self.gvl
+            for name in ("num_segments", "spatial_pool", "temporal_pool", "temporal_frames"):
+                if getattr(g, name) < 1:
+                    raise ValueError(f"model.gvl.{name}: must be >= 1, got {getattr(g, name)}")
+            if g.num_temporal_tokens < 1:
+                raise ValueError(f"model.gvl.num_temporal_tokens: must be >= 1, got {g.num_temporal_tokens}")
+            if self.video.image_size % self.video.patch_size:
+                raise ValueError("model.video: image_size must be a multiple of patch_size")
         if self.llm.family not in LLM_FAMILIES:
             raise ValueError(f"model.llm.family: unknown family {self.llm.family!r}; choose one of {list(LLM_FAMILIES)}")
         if self.vision.family not in VISION_FAMILIES:
