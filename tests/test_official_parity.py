@@ -239,8 +239,13 @@ def _forcing(schedule_ids: list[int]):
     """A stand-in for the token choice that plays a fixed schedule (the official run forced
     the same schedule with a logits processor); everything else is the project's decoding."""
 
-    def choose(logits, state, settings, evi_id, generator):
-        return [schedule_ids[len(tokens)] for tokens in state.tokens]
+    prompt_lens: list[int] = []
+
+    def choose(logits, seen_ids, settings, exempt_ids, generator):
+        # seen_ids grows by one id per generated token, from the prompt's length.
+        if not prompt_lens:
+            prompt_lens.extend(len(seen) for seen in seen_ids)
+        return [schedule_ids[len(seen) - start] for seen, start in zip(seen_ids, prompt_lens)]
 
     return choose
 
@@ -257,7 +262,7 @@ def test_generation_and_detokenized_text_match(official, loaded, key, monkeypatc
         tok.llm, tok.qformer, [question], [loaded["patches"][sample_idx]], [times], [duration], src_spans_s=[src]
     )
     if want["schedule"] is not None:
-        monkeypatch.setattr(generation, "_choose_tokens", _forcing(tok.llm.convert_tokens_to_ids(want["schedule"])))
+        monkeypatch.setattr(generation, "choose_tokens", _forcing(tok.llm.convert_tokens_to_ids(want["schedule"])))
     settings = DecodeSettings(max_new_tokens=want["max_new_tokens"])
     (result,) = generation.generate(loaded["model"], tok.llm, batch, settings)
     assert result.token_ids == want["tokens"]

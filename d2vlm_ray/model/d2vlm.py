@@ -29,6 +29,7 @@ from transformers import Blip2VisionModel, DynamicCache, Phi3ForCausalLM
 
 from d2vlm_ray.model.compressor import FrameCompressor
 from d2vlm_ray.model.inputs import D2VLMBatch
+from d2vlm_ray.model.llm_host import LLMHost
 from d2vlm_ray.model.masks import build_attention_mask
 from d2vlm_ray.types import SpanIdx
 
@@ -108,7 +109,7 @@ class D2VLMOutput:
     evidence_spans_idx: list[torch.Tensor]
 
 
-class D2VLM(nn.Module):
+class D2VLM(LLMHost):
     """Temporally grounded video LLM with evidence tokens (D2VLM, ICCV 2025).
 
     Args:
@@ -157,27 +158,6 @@ class D2VLM(nn.Module):
         self.span_threshold = span_threshold
         self.pretrained_vocab_size = pretrained_vocab_size
         self.score_scale = 1.0 / math.sqrt(width)
-
-    @property
-    def causal_lm(self) -> Phi3ForCausalLM:
-        """The underlying Phi-3 model, whether or not peft wraps it."""
-        llm = self.llm
-        get_base = getattr(llm, "get_base_model", None)
-        return get_base() if callable(get_base) else llm
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Compute dtype of the LLM."""
-        return self.causal_lm.get_input_embeddings().weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the LLM."""
-        return self.causal_lm.get_input_embeddings().weight.device
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings ``[..., D]``."""
-        return self.causal_lm.get_input_embeddings()(ids)
 
     def compress(self, batch: D2VLMBatch) -> list[torch.Tensor]:
         """Question-conditioned frame tokens per sample, ``[F_i, D]``.

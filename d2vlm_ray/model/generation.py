@@ -137,19 +137,29 @@ def prefill(
     return state
 
 
-def _choose_tokens(
+def choose_tokens(
     logits: torch.Tensor,
-    state: DecodeState,
+    seen_ids: list[list[int]],
     settings: DecodeSettings,
-    evi_id: int,
+    exempt_ids: set[int],
     generator: torch.Generator,
 ) -> list[int]:
-    """Greedy or sampled next token per sample, after the repetition penalty."""
+    """Greedy or sampled next token per sample, after the repetition penalty.
+
+    Args:
+        logits: Next-token logits ``[B, V]``.
+        seen_ids: Every id each sample has seen so far (what the penalty applies to).
+        settings: Decoding settings.
+        exempt_ids: Ids that repeat by design and are never penalised (D2VLM's ``<evi>``:
+            one per event, twice; Grounded-VideoLLM's temporal tokens).
+        generator: Sampling generator.
+    """
     logits = logits.clone()
     if settings.repetition_penalty != 1.0:
-        for b, seen in enumerate(state.seen_ids):
-            # <evi> repeats by design (one per event, twice), so it is never penalised.
-            ids = torch.tensor(sorted({t for t in seen if t != evi_id and 0 <= t < logits.shape[1]}), dtype=torch.long)
+        for b, seen in enumerate(seen_ids):
+            ids = torch.tensor(
+                sorted({t for t in seen if t not in exempt_ids and 0 <= t < logits.shape[1]}), dtype=torch.long
+            )
             if ids.numel():
                 vals = logits[b, ids]
                 logits[b, ids] = torch.where(
@@ -182,7 +192,7 @@ def decode(
     for _ in range(settings.max_new_tokens):
         if all(state.finished):
             break
-        chosen = _choose_tokens(state.last_logits, state, settings, token_ids.evi, generator)
+        chosen = choose_tokens(state.last_logits, state.seen_ids, settings, {token_ids.evi}, generator)
         active = torch.tensor([not f for f in state.finished], device=device)
         feed = torch.zeros(len(chosen), 1, state.last_hidden.shape[-1], device=device, dtype=model.dtype)
         ids = []

@@ -38,20 +38,16 @@ def _nearest_frame(ts: np.ndarray, t_s: float) -> int:
     return int(even[0] if even.size else nearest[0])
 
 
-def spans_s_to_idx(
+def clean_spans_s(
     spans_s: Sequence[SpanS],
     timestamps_s: np.ndarray | Sequence[float],
     duration_s: float,
     field: str,
     stats: SpanStats | None = None,
-) -> list[SpanIdx]:
-    """Convert spans in seconds to closed sampled-frame index spans.
-
-    Reversed spans are reordered and spans partly outside ``[0, duration_s]`` are clamped
-    (both counted in ``stats``), as the official code does; 562 of Charades-STA's test
-    queries end after their video. Each end maps to the sampled frame whose presentation
-    time is nearest, ties to the even index (at 1 fps from 0 s this is Python's
-    half-to-even ``round(t)``, the official rule).
+) -> list[SpanS]:
+    """Validate spans in seconds: reversed spans are reordered and spans partly outside
+    ``[0, duration_s]`` are clamped (both counted in ``stats``), as the official code does;
+    562 of Charades-STA's test queries end after their video.
 
     Args:
         spans_s: ``(start_s, end_s)`` pairs.
@@ -61,7 +57,7 @@ def spans_s_to_idx(
         stats: Optional counters to update.
 
     Returns:
-        One ``(first_idx, last_idx)`` per span, ``first_idx <= last_idx``.
+        One ``(start_s, end_s)`` per span, ``0 <= start_s <= end_s <= max(duration_s, last frame time)``.
 
     Raises:
         ValueError: If there are no frames, or a span is non-finite or entirely outside
@@ -72,7 +68,7 @@ def spans_s_to_idx(
         raise ValueError(f"{field}: the video has no sampled frames")
     stats = stats if stats is not None else SpanStats()
     end_s = max(float(duration_s), float(ts[-1]))
-    out: list[SpanIdx] = []
+    out: list[SpanS] = []
     for span in spans_s:
         start, stop = float(span[0]), float(span[1])
         if not (math.isfinite(start) and math.isfinite(stop)):
@@ -87,6 +83,33 @@ def spans_s_to_idx(
         if start < 0.0 or stop > end_s:
             start, stop = max(start, 0.0), min(stop, end_s)
             stats.clamped += 1
+        out.append((start, stop))
+    return out
+
+
+def spans_s_to_idx(
+    spans_s: Sequence[SpanS],
+    timestamps_s: np.ndarray | Sequence[float],
+    duration_s: float,
+    field: str,
+    stats: SpanStats | None = None,
+) -> list[SpanIdx]:
+    """Convert spans in seconds to closed sampled-frame index spans.
+
+    The spans are first cleaned by :func:`clean_spans_s` (reordered, clamped, counted).
+    Each end maps to the sampled frame whose presentation time is nearest, ties to the even
+    index (at 1 fps from 0 s this is Python's half-to-even ``round(t)``, the official rule).
+
+    Returns:
+        One ``(first_idx, last_idx)`` per span, ``first_idx <= last_idx``.
+
+    Raises:
+        ValueError: If there are no frames, or a span is non-finite or entirely outside
+            the video.
+    """
+    ts = np.asarray(timestamps_s, dtype=np.float64)
+    out: list[SpanIdx] = []
+    for start, stop in clean_spans_s(spans_s, ts, duration_s, field, stats):
         first_idx, last_idx = _nearest_frame(ts, start), _nearest_frame(ts, stop)
         out.append((first_idx, max(first_idx, last_idx)))
     return out

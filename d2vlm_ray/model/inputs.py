@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from d2vlm_ray.model.grounding import SpanStats, spans_s_to_frame_pos, spans_s_to_idx
+from d2vlm_ray.model.grounding import SpanStats, clean_spans_s, spans_s_to_frame_pos, spans_s_to_idx
 from d2vlm_ray.model.tokenizer import TokenIds, tokenize_prompt, tokenize_response
 from d2vlm_ray.types import SpanIdx, SpanS
 
@@ -58,6 +58,8 @@ class D2VLMBatch:
     durations_s: list[float]
     span_stats: SpanStats = field(default_factory=SpanStats)
     evi_spans_pos: list[list[tuple[float, float]]] = field(default_factory=list)
+    src_spans_s: list[list[SpanS]] = field(default_factory=list)
+    evi_spans_s: list[list[SpanS]] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -120,6 +122,8 @@ def build_batch(
     stats = SpanStats()
     prefix_ids, suffix_ids, labels, prompt_lens = [], [], [], []
     src_idx_all, evi_idx_all, evi_pos_all, ts_all = [], [], [], []
+    src_s_all: list[list[SpanS]] = []
+    evi_s_all: list[list[SpanS]] = []
     for i, question in enumerate(questions):
         if not isinstance(question, str) or not question.strip():
             raise ValueError(f"questions[{i}]: the question is empty")
@@ -134,11 +138,13 @@ def build_batch(
         src = list(src_spans_s[i]) if src_spans_s is not None else []
         if n_src != len(src):
             raise ValueError(f"src_spans_s[{i}]: {len(src)} spans for {n_src} <evi> tokens in the question")
-        src_idx = spans_s_to_idx(src, ts, durations_s[i], f"src_spans_s[{i}]", stats)
+        src_clean = clean_spans_s(src, ts, durations_s[i], f"src_spans_s[{i}]", stats)
+        src_idx = spans_s_to_idx(src_clean, ts, durations_s[i], f"src_spans_s[{i}]")
         suffix = list(prompt.suffix_ids)
         label = [IGNORE_INDEX] * len(suffix)
         evi_idx: list[SpanIdx] = []
         evi_pos: list[tuple[float, float]] = []
+        evi_s: list[SpanS] = []
         if responses is not None:
             response_ids = tokenize_response(tokenizer, responses[i])
             n_evi = sum(1 for t in response_ids if t == ids.evi)
@@ -148,8 +154,10 @@ def build_batch(
                     f"spans_s[{i}]: {len(events)} spans need {2 * len(events)} <evi> tokens in the response "
                     f"(n before </evi>, n in the answer), found {n_evi}"
                 )
-            event_idx = spans_s_to_idx(events, ts, durations_s[i], f"spans_s[{i}]", stats)
+            events_clean = clean_spans_s(events, ts, durations_s[i], f"spans_s[{i}]", stats)
+            event_idx = spans_s_to_idx(events_clean, ts, durations_s[i], f"spans_s[{i}]")
             evi_idx = event_idx + event_idx  # grounding-part copies, then answer-part copies
+            evi_s = events_clean + events_clean
             event_pos = spans_s_to_frame_pos(events, ts)
             evi_pos = event_pos + event_pos
             suffix += response_ids
@@ -167,6 +175,8 @@ def build_batch(
         src_idx_all.append(src_idx)
         evi_idx_all.append(evi_idx)
         evi_pos_all.append(evi_pos)
+        src_s_all.append(src_clean)
+        evi_s_all.append(evi_s)
         ts_all.append(ts)
     enc = qformer_tokenizer(
         list(questions),
@@ -189,4 +199,6 @@ def build_batch(
         durations_s=[float(d) for d in durations_s],
         span_stats=stats,
         evi_spans_pos=evi_pos_all,
+        src_spans_s=src_s_all,
+        evi_spans_s=evi_s_all,
     )
