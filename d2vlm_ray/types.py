@@ -215,6 +215,8 @@ class GroundingResult:
         timestamps_s: Presentation time of every sampled frame, ``[F]``.
         duration_s: Video duration in seconds.
         src_spans_s: Question-side spans that were given with the question.
+        warnings: What may make this grounding wrong that its fields alone do not show
+            (e.g. a Grounded-VideoLLM temporal marker that formed no span).
     """
 
     question: str
@@ -227,6 +229,7 @@ class GroundingResult:
     timestamps_s: np.ndarray
     duration_s: float
     src_spans_s: list[SpanS] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -216,6 +216,9 @@ _GVL_PHI3: dict[str, Any] = {
     "gvl": {"num_segments": 12, "spatial_pool": 8, "temporal_pool": 4, "temporal_frames": 8, "num_temporal_tokens": 300},
 }
 
+# Presets whose tokenizers are built locally from the shared word list (no tokenizer dir).
+TINY_PRESETS = ("tiny", "tiny-gvl")
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": _TINY,
     "phi3-mini": _PHI3_MINI,

@@ -213,7 +213,9 @@ class LoraSettings:
             both heads, Q-Former attention and projector); ``full_compressor`` = the official
             policy plus the rest of the Q-Former (BERT embeddings and FFNs), for a Q-Former
             that starts random rather than from InstructBLIP; ``heads`` = LoRA and heads
-            only; ``all`` = everything except the frozen frame encoder.
+            only; ``all`` = everything except the frozen frame encoder; ``projectors`` =
+            Grounded-VideoLLM's stream projectors alone (its stage 1). Every mode but
+            ``heads`` trains a Grounded-VideoLLM's projectors.
         vocab_rows: Which rows of a trained ``embed_tokens``/``lm_head`` learn: ``all``
             (official) or ``new``, only the rows of added tokens (after
             ``llm.pretrained_vocab_size``). Every output-head row gets a gradient on every
@@ -226,7 +228,7 @@ class LoraSettings:
     alpha: int = 256
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("qkv_proj", "o_proj")
-    tuning_mode: Literal["attention", "full_compressor", "heads", "all"] = "attention"
+    tuning_mode: Literal["attention", "full_compressor", "heads", "all", "projectors"] = "attention"
     vocab_rows: Literal["all", "new"] = "all"
 
 

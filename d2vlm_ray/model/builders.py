@@ -1,8 +1,10 @@
 """The only place configs meet constructors.
 
-``build_d2vlm(cfg)`` returns the model and its two tokenizers. The ``tiny`` preset builds
-its tokenizers locally from the shared word list; every other preset loads them from
-local directories named in the config (nothing is downloaded, ever).
+``build_model(cfg, tokenizers)`` builds the model of ``cfg.family`` (D2VLM or
+Grounded-VideoLLM). The tiny presets build their tokenizers locally from the shared word
+list; every other preset loads them from local directories named in the config (nothing
+is downloaded, ever). A Grounded-VideoLLM tokenizer also gets the temporal tokens
+``<0> … <M>``.
 """
 
 from __future__ import annotations
@@ -12,9 +14,18 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerBase
 
+from d2vlm_ray.config.presets import TINY_PRESETS
 from d2vlm_ray.config.schema import ModelConfig
 from d2vlm_ray.model.compressor import FrameCompressor, build_qformer
 from d2vlm_ray.model.d2vlm import D2VLM
+from d2vlm_ray.model.grounded_videollm import GroundedVideoLLM
+from d2vlm_ray.model.temporal_tokens import add_temporal_tokens, first_temporal_id
+from d2vlm_ray.model.two_stream import (
+    TwoStreamFrameEncoder,
+    TwoStreamProjector,
+    build_two_stream_vision,
+    stream_widths,
+)
 from d2vlm_ray.model.tokenizer import (
     TokenIds,
     build_tiny_llm_tokenizer,
@@ -41,16 +52,18 @@ def build_tokenizers(cfg: ModelConfig) -> Tokenizers:
     """
     if cfg.tokenizer_dir:
         llm_tok = load_llm_tokenizer(cfg.tokenizer_dir)
-    elif cfg.preset == "tiny":
+    elif cfg.preset in TINY_PRESETS:
         llm_tok = build_tiny_llm_tokenizer()
     else:
         raise FileNotFoundError(
             "model.tokenizer_dir: set it to a local directory holding the LLM tokenizer "
             "(the checkpoint's own tokenizer files); nothing is downloaded"
         )
+    if cfg.family == "grounded_videollm":
+        add_temporal_tokens(llm_tok, cfg.gvl.num_temporal_tokens)
     if cfg.qformer.tokenizer_dir:
         q_tok = load_qformer_tokenizer(cfg.qformer.tokenizer_dir)
-    elif cfg.preset == "tiny":
+    elif cfg.preset in TINY_PRESETS:
         q_tok = build_tiny_qformer_tokenizer()
     else:
         raise FileNotFoundError(
@@ -152,8 +165,64 @@ def build_d2vlm(
     )
 
 
-def build_frame_encoder(model: D2VLM, image_size: int, chunk_frames: int = 64) -> VisionFrameEncoder:
-    """The model's frozen vision tower (either family) as a :class:`d2vlm_ray.types.FrameEncoder`."""
+def build_grounded_videollm(
+    cfg: ModelConfig,
+    tokenizers: Tokenizers | None = None,
+    *,
+    evi_token_id: int | None = None,
+    zero_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> GroundedVideoLLM:
+    """Build Grounded-VideoLLM from its config (random weights; load checkpoints separately).
+
+    Args:
+        cfg: Architecture config (validated) with ``family: grounded_videollm``.
+        tokenizers: Tokenizers (the LLM's with ``<0> … <M>``); may be omitted when the ids
+            and vocab sizes are given.
+        evi_token_id: Id of ``<evi>`` when no tokenizer is given.
+        zero_token_id: Id of ``<0>`` when no tokenizer is given.
+        pad_token_id: Padding id when no tokenizer is given.
+    """
+    cfg.validate()
+    cfg = resolve_vocab_sizes(cfg, tokenizers)
+    if tokenizers is not None:
+        ids = TokenIds.from_tokenizer(tokenizers.llm)
+        evi_token_id, pad_token_id = ids.evi, ids.pad
+        zero_token_id = first_temporal_id(tokenizers.llm, cfg.gvl.num_temporal_tokens)
+    if evi_token_id is None or pad_token_id is None or zero_token_id is None:
+        raise ValueError("build_grounded_videollm: give tokenizers, or the <evi>, <0> and pad ids")
+    image_width, video_width, _ = stream_widths(cfg)
+    return GroundedVideoLLM(
+        build_two_stream_vision(cfg),
+        TwoStreamProjector(image_width, video_width, cfg.llm.hidden_size, cfg.gvl),
+        build_llm(cfg, pad_token_id),
+        evi_token_id=evi_token_id,
+        first_temporal_id=zero_token_id,
+        num_temporal_tokens=cfg.gvl.num_temporal_tokens,
+        alpha=cfg.alpha,
+        pretrained_vocab_size=cfg.llm.pretrained_vocab_size,
+    )
+
+
+def build_model(cfg: ModelConfig, tokenizers: Tokenizers | None = None) -> D2VLM | GroundedVideoLLM:
+    """The model of ``cfg.family`` (random weights), sized by ``cfg`` and the tokenizers.
+
+    Raises:
+        ValueError: On an unknown family (or any invalid config field).
+    """
+    cfg.validate()
+    if cfg.family == "grounded_videollm":
+        return build_grounded_videollm(cfg, tokenizers)
+    return build_d2vlm(cfg, tokenizers)
+
+
+def build_frame_encoder(
+    model: D2VLM | GroundedVideoLLM, image_size: int, chunk_frames: int = 64
+) -> VisionFrameEncoder | TwoStreamFrameEncoder:
+    """The model's frozen encoder as a :class:`d2vlm_ray.types.FrameEncoder`: the vision tower
+    (D2VLM), or both streams (Grounded-VideoLLM), whose output the feature cache stores."""
+    if getattr(model, "family", "d2vlm") == "grounded_videollm":
+        return TwoStreamFrameEncoder(model.vision, chunk_frames)
     return VisionFrameEncoder(model.vision, image_size, chunk_frames)
 
 

@@ -46,10 +46,13 @@ from safetensors.torch import load_file, save_file
 
 from d2vlm_ray.config.load import from_dict, to_dict
 from d2vlm_ray.config.schema import ModelConfig
-from d2vlm_ray.model.builders import Tokenizers, build_d2vlm, resolve_vocab_sizes
+from d2vlm_ray.model.builders import Tokenizers, build_frame_encoder, build_model, resolve_vocab_sizes
 from d2vlm_ray.model.d2vlm import D2VLM
+from d2vlm_ray.model.grounded_videollm import GroundedVideoLLM
 from d2vlm_ray.model.tokenizer import TokenIds, load_llm_tokenizer, load_qformer_tokenizer
+from d2vlm_ray.model.two_stream import TwoStreamFrameEncoder, build_two_stream_vision
 from d2vlm_ray.model.vision import VisionFrameEncoder, build_vision_model
+from d2vlm_ray.types import FrameEncoder
 
 FORMAT = "d2vlm_ray"
 WEIGHTS_NAME = "model.safetensors"
@@ -272,7 +275,7 @@ def _saved_model_config(meta: dict[str, Any]) -> ModelConfig:
     return from_dict(ModelConfig, data)
 
 
-def native_state_dict(model: D2VLM) -> dict[str, torch.Tensor]:
+def native_state_dict(model: D2VLM | GroundedVideoLLM) -> dict[str, torch.Tensor]:
     """The model's state dict under plain module names with LoRA merged in.
 
     The live model is left unchanged: adapters are merged for the copy and unmerged again.
@@ -294,7 +297,7 @@ def native_state_dict(model: D2VLM) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_pretrained(model: D2VLM, cfg: ModelConfig, tokenizers: Tokenizers, out_dir: str | Path) -> Path:
+def save_pretrained(model: D2VLM | GroundedVideoLLM, cfg: ModelConfig, tokenizers: Tokenizers, out_dir: str | Path) -> Path:
     """Write a loadable checkpoint directory (merged weights, config, both tokenizers)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -326,8 +329,8 @@ def from_pretrained(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     qformer_tokenizer_dir: str | None = None,
-) -> tuple[D2VLM, Tokenizers, ModelConfig]:
-    """Load a d2vlm_ray checkpoint, or an official D2VLM release directory.
+) -> tuple[D2VLM | GroundedVideoLLM, Tokenizers, ModelConfig]:
+    """Load a d2vlm_ray checkpoint (either family, as its config says), or an official D2VLM release directory.
 
     An official directory is recognised by its HF ``config.json`` (``model_type``
     ``etchat_phi3``); it is built with the sizes of its own config and weights
@@ -367,7 +370,7 @@ def from_pretrained(
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
-        model = build_d2vlm(cfg, tokenizers)
+        model = build_model(cfg, tokenizers)
     state = from_official_state_dict(state) if state is not None else _read_weights(ckpt_dir)
     expected = set(model.state_dict())
     missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -400,7 +403,7 @@ def init_checkpoint(cfg: ModelConfig, out_dir: str | Path, seed: int = 0) -> Pat
 
     tokenizers = build_tokenizers(cfg)
     torch.manual_seed(seed)
-    model = build_d2vlm(cfg, tokenizers)
+    model = build_model(cfg, tokenizers)
     if cfg.llm.weights_dir or cfg.vision.weights_dir:
         from d2vlm_ray.model.backbones import load_llm_weights, load_vision_weights
 
@@ -410,14 +413,17 @@ def init_checkpoint(cfg: ModelConfig, out_dir: str | Path, seed: int = 0) -> Pat
             cfg = replace(cfg, llm=replace(cfg.llm, pretrained_vocab_size=rows))
             model.pretrained_vocab_size = rows
         if cfg.vision.weights_dir:
-            load_vision_weights(model.vision, cfg.vision.family, cfg.vision.weights_dir)
+            # A Grounded-VideoLLM's image encoder is the spatial stream of its two-stream encoder.
+            image_encoder = model.vision.image if cfg.family == "grounded_videollm" else model.vision
+            load_vision_weights(image_encoder, cfg.vision.family, cfg.vision.weights_dir)
     return save_pretrained(model, cfg, tokenizers, out_dir)
 
 
 def load_frame_encoder(
     ckpt_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, chunk_frames: int = 64
-) -> VisionFrameEncoder:
-    """Load only the frozen frame encoder (either family) of a checkpoint (for cache building).
+) -> FrameEncoder:
+    """Load only the frozen encoder of a checkpoint (for cache building): the vision tower of
+    a D2VLM, or both streams of a Grounded-VideoLLM (its ``vision.*`` weights either way).
 
     Raises:
         FileNotFoundError: If the checkpoint is missing.
@@ -429,13 +435,15 @@ def load_frame_encoder(
     meta = json.loads(cfg_path.read_text())
     if meta.get("format") != FORMAT:
         model, _, cfg = from_pretrained(ckpt_dir, device=device, dtype=dtype)
-        return VisionFrameEncoder(model.vision, cfg.vision.image_size, chunk_frames)
+        return build_frame_encoder(model, cfg.vision.image_size, chunk_frames)
     cfg = _saved_model_config(meta)
-    vision = build_vision_model(cfg.vision)
+    vision = build_two_stream_vision(cfg) if cfg.family == "grounded_videollm" else build_vision_model(cfg.vision)
     prefix = "vision."
     state = {k[len(prefix) :]: v for k, v in load_file(str(ckpt_dir / WEIGHTS_NAME)).items() if k.startswith(prefix)}
     vision.load_state_dict(state, strict=True)
     vision.to(device=device)
     if dtype is not None:
         vision.to(dtype=dtype)
+    if cfg.family == "grounded_videollm":
+        return TwoStreamFrameEncoder(vision, chunk_frames)
     return VisionFrameEncoder(vision, cfg.vision.image_size, chunk_frames)

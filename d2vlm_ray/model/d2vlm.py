@@ -127,6 +127,8 @@ class D2VLM(LLMHost):
             the trainable policy may train only the rows after them.
     """
 
+    family = "d2vlm"
+
     def __init__(
         self,
         vision: Blip2VisionModel,

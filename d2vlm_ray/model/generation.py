@@ -72,6 +72,8 @@ class GenerationResult:
         probs: Frame probabilities per ``<evi>``, ``[E, F]``.
         text: Detokenized text, each ``<evi>`` shown as ``"s - e"`` in seconds.
         truncated: True if ``max_new_tokens`` ran out before the stop token.
+        warnings: What may make this result wrong that its fields alone do not show (e.g. a
+            Grounded-VideoLLM temporal marker that formed no span).
     """
 
     token_ids: list[int]
@@ -80,6 +82,7 @@ class GenerationResult:
     probs: torch.Tensor
     text: str
     truncated: bool
+    warnings: list[str] = field(default_factory=list)
 
 
 def _last_valid(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -249,8 +252,20 @@ def _stop_ids(tokenizer, ids: TokenIds) -> set[int]:
     return stops
 
 
+def _is_gvl(model: object) -> bool:
+    """Whether ``model`` is of the Grounded-VideoLLM family, which decodes in :mod:`d2vlm_ray.model.gvl_generation`."""
+    return getattr(model, "family", "d2vlm") == "grounded_videollm"
+
+
 def generate(model: D2VLM, tokenizer, batch: D2VLMBatch, settings: DecodeSettings) -> list[GenerationResult]:
-    """Grounding and answering in one call (the official single ``generate``)."""
+    """Grounding and answering in one call (the official single ``generate``).
+
+    A Grounded-VideoLLM model decodes with its own rules and returns the same result types.
+    """
+    if _is_gvl(model):
+        from d2vlm_ray.model import gvl_generation
+
+        return gvl_generation.generate(model, tokenizer, batch, settings)
     ids = TokenIds.from_tokenizer(tokenizer)
     stops = _stop_ids(tokenizer, ids)
     state = decode(model, prefill(model, batch, settings), settings, ids, stop_ids=stops)
@@ -270,6 +285,10 @@ def ground(
     ``src_spans_s`` are the question-side spans the batch was built with; they travel in
     each result so :func:`answer` can rebuild the same prompt.
     """
+    if _is_gvl(model):
+        from d2vlm_ray.model import gvl_generation
+
+        return gvl_generation.ground(model, tokenizer, batch, questions, settings, src_spans_s)
     ids = TokenIds.from_tokenizer(tokenizer)
     stops = _stop_ids(tokenizer, ids) | {ids.evi_end}
     state = decode(model, prefill(model, batch, settings), settings, ids, stop_ids=stops)
@@ -308,6 +327,10 @@ def answer(
     prompt, frames and grounding tokens (one token per frame, cheap) and decodes the
     rest. ``max_new_tokens`` bounds the answer part.
     """
+    if _is_gvl(model):
+        from d2vlm_ray.model import gvl_generation
+
+        return gvl_generation.answer(model, tokenizer, qformer_tokenizer, groundings, settings)
     ids = TokenIds.from_tokenizer(tokenizer)
     stops = _stop_ids(tokenizer, ids)
     frame_tokens = [g.frame_tokens for g in groundings]

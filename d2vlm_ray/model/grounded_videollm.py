@@ -66,6 +66,8 @@ class GroundedVideoLLM(LLMHost):
         pretrained_vocab_size: Vocabulary rows that came from pretrained weights (0 = none).
     """
 
+    family = "grounded_videollm"
+
     def __init__(
         self,
         vision: TwoStreamVision,

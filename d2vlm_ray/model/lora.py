@@ -17,6 +17,8 @@ from torch import nn
 from d2vlm_ray.config.schema import LoraSettings
 from d2vlm_ray.model.d2vlm import D2VLM
 
+# Grounded-VideoLLM's compressor is its two stream projectors.
+_PROJECTORS = ("spatial_proj", "temporal_proj")
 _COMPRESSOR_EXTRAS = ("qformer_query", "qformer_ln", "qformer_proj", "qformer_q_proj", "qformer_k_proj", "qformer_v_proj")
 
 
@@ -49,7 +51,7 @@ def merge_lora(model: D2VLM) -> D2VLM:
 
 def parameter_group(name: str) -> str:
     """The group a parameter belongs to: lora, embed, lm_head, frm_head, evi_head, qformer,
-    qformer_frozen, vision, or llm (frozen base weights)."""
+    qformer_frozen, projector (Grounded-VideoLLM), vision, or llm (frozen base weights)."""
     if "lora_" in name:
         return "lora"
     if name.startswith("vision."):
@@ -58,6 +60,8 @@ def parameter_group(name: str) -> str:
         return name.split(".", 1)[0]
     if name.startswith("compressor."):
         rest = name[len("compressor.") :]
+        if rest.startswith(_PROJECTORS):
+            return "projector"
         if rest.startswith(_COMPRESSOR_EXTRAS) or (rest.startswith("qformer.") and "attention" in rest):
             return "qformer"
         return "qformer_frozen"
@@ -72,7 +76,9 @@ def set_trainable(model: D2VLM, tuning_mode: str, vocab_rows: str = "all") -> No
     """Freeze everything, then unfreeze what ``tuning_mode`` trains.
 
     Modes: ``attention`` (official), ``full_compressor`` (official plus the whole Q-Former,
-    for a Q-Former that starts random), ``heads`` (LoRA and heads), ``all`` (all but vision).
+    for a Q-Former that starts random), ``heads`` (LoRA and heads), ``all`` (all but vision),
+    and ``projectors`` (Grounded-VideoLLM's stage 1: the stream projectors alone). Every mode
+    but ``heads`` trains the projectors of a Grounded-VideoLLM, which has no heads and no Q-Former.
     With ``vocab_rows="new"`` a trained ``embed_tokens``/``lm_head`` learns only the rows
     after ``model.pretrained_vocab_size`` (the tokens the project added).
 
@@ -81,10 +87,11 @@ def set_trainable(model: D2VLM, tuning_mode: str, vocab_rows: str = "all") -> No
             vocabulary has no pretrained rows.
     """
     trained = {
-        "attention": {"lora", "embed", "lm_head", "frm_head", "evi_head", "qformer"},
-        "full_compressor": {"lora", "embed", "lm_head", "frm_head", "evi_head", "qformer", "qformer_frozen"},
+        "attention": {"lora", "embed", "lm_head", "frm_head", "evi_head", "qformer", "projector"},
+        "full_compressor": {"lora", "embed", "lm_head", "frm_head", "evi_head", "qformer", "qformer_frozen", "projector"},
         "heads": {"lora", "frm_head", "evi_head"},
-        "all": {"lora", "embed", "lm_head", "frm_head", "evi_head", "qformer", "qformer_frozen", "llm"},
+        "all": {"lora", "embed", "lm_head", "frm_head", "evi_head", "qformer", "qformer_frozen", "projector", "llm"},
+        "projectors": {"projector"},
     }
     if tuning_mode not in trained:
         raise ValueError(f"model.lora.tuning_mode: unknown mode {tuning_mode!r}; choose from {sorted(trained)}")

@@ -544,6 +544,9 @@ class AnsweringService(_ModelService):
             settings.validate()
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
+        if getattr(self.model, "family", "d2vlm") != "d2vlm":
+            yield from self._stream_whole(grounding, settings)
+            return
         tok = self.tokenizers
         batch = build_batch(
             tok.llm,
@@ -593,6 +596,22 @@ class AnsweringService(_ModelService):
         )
 
 
+    def _stream_whole(
+        self, grounding: GroundingResult, settings: DecodeSettings
+    ) -> Iterator[StreamToken | GenerationResult]:
+        """Stream a family without step-wise decode state (Grounded-VideoLLM): the answer is
+        generated whole, then reported token by token in the same shape as :meth:`stream`."""
+        (result,) = self.answer_many([grounding], [settings])
+        if isinstance(result, ServiceError):
+            raise result
+        n_ground = len(grounding.token_ids)
+        spans = iter(result.spans_s[len(grounding.spans_s) :])
+        for index, token_id in enumerate(result.token_ids[n_ground:]):
+            span_s = next(spans, None) if token_id == self.token_ids.evi else None
+            yield StreamToken(token_id, self._token_text(token_id, span_s), span_s, index)
+        yield result
+
+
 # --- responses (shared by the HTTP API and the offline CLI) ----------------------------
 
 
@@ -621,7 +640,7 @@ def grounding_payload(
         "complete": bool(tokens) and tokens[-1] in (ids.evi_end, ids.end),
         "cache": "hit" if cache_hit else "miss",
         "timings_ms": dict(timings_ms),
-        "warnings": [str(w) for w in warnings],
+        "warnings": [str(w) for w in warnings] + [str(w) for w in grounding.warnings],
         "missing_timestamps_s": [float(t) for t in missing_timestamps_s],
     }
 
@@ -679,7 +698,7 @@ def answer_payload(
             missing_timestamps_s=missing_timestamps_s,
         ),
         "timings_ms": dict(timings_ms),
-        "warnings": [str(w) for w in warnings],
+        "warnings": [str(w) for w in warnings] + [str(w) for w in result.warnings],
         "missing_timestamps_s": [float(t) for t in missing_timestamps_s],
     }
 

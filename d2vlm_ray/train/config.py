@@ -24,6 +24,7 @@ from typing import Any, Literal
 from d2vlm_ray.cache.spec import FeatureSpec
 from d2vlm_ray.config.load import ConfigError, from_dict
 from d2vlm_ray.config.schema import ModelConfig
+from d2vlm_ray.config.presets import TINY_PRESETS
 
 Stage = Literal["sft", "fpo"]
 
@@ -235,8 +236,10 @@ class TrainJobConfig:
             raise ConfigError(f"name: must be a non-empty run name without '/', got {self.name!r}")
         if not self.init_from:
             raise ConfigError("init_from: give 'tiny' or a checkpoint directory")
-        if self.init_from == "tiny" and self.model.preset != "tiny":
-            raise ConfigError(f"init_from: 'tiny' needs model.preset 'tiny', got {self.model.preset!r}")
+        if self.init_from == "tiny" and self.model.preset not in TINY_PRESETS:
+            raise ConfigError(
+                f"init_from: 'tiny' needs a tiny model preset {list(TINY_PRESETS)}, got {self.model.preset!r}"
+            )
         if not self.data.train:
             raise ConfigError("data.train: no training data given")
         try:

@@ -70,6 +70,8 @@ class FPOObjective(nn.Module):
 
     def __init__(self, model: D2VLM, loss: LossSettings, reference: D2VLM | None = None) -> None:
         super().__init__()
+        if getattr(model, "family", "d2vlm") != "d2vlm":
+            raise ValueError(f"stage fpo: FPO is defined for the d2vlm family only; this model is {model.family!r}")
         if loss.variant == "dpo" and reference is None:
             raise ValueError("loss.variant 'dpo' needs a reference model")
         self.model = model
@@ -105,6 +107,23 @@ class FPOObjective(nn.Module):
             "margin": terms.margin.mean(),
             "reward_accuracy": (terms.margin > 0).float().mean(),
         }
+
+
+def check_fpo_family(model_dir: str | Path) -> None:
+    """Refuse FPO before any worker starts when ``model_dir`` holds a family FPO is not defined for.
+
+    FPO's factorized log-likelihood scores ``<evi>`` grounding with D2VLM's similarity head;
+    a Grounded-VideoLLM has no such head (its spans are tokens).
+
+    Raises:
+        ValueError: Naming the family.
+    """
+    import json
+
+    meta = json.loads((Path(model_dir) / "config.json").read_text())
+    family = meta.get("model", {}).get("family", "d2vlm") if isinstance(meta.get("model"), dict) else "d2vlm"
+    if family != "d2vlm":
+        raise ValueError(f"stage fpo: FPO is defined for the d2vlm family only; {str(model_dir)!r} is {family!r}")
 
 
 def load_model(init_dir: str | Path, lora: LoraSettings) -> tuple[D2VLM, Tokenizers, ModelConfig]:

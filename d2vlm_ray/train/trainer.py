@@ -41,6 +41,7 @@ from d2vlm_ray.train.checkpointing import MODEL_DIR, restore_training_checkpoint
 from d2vlm_ray.train.config import TrainJobConfig, config_from_dict
 from d2vlm_ray.train.loop import Loop
 from d2vlm_ray.train.metrics import MetricsWriter, append_samples, format_metrics, read_jsonl
+from d2vlm_ray.train.objectives import check_fpo_family
 from d2vlm_ray.train.session import build_session, local_rows, prepare_init, resolve_paths, run_dir_of
 
 logger = logging.getLogger("d2vlm_ray.train")
@@ -254,6 +255,8 @@ def _train(cfg: TrainJobConfig, stage: str) -> dict[str, Any]:
     cfg = resolve_paths(cfg)
     run_dir = run_dir_of(cfg)
     init_dir = prepare_init(cfg, run_dir)
+    if stage == "fpo":
+        check_fpo_family(init_dir)
     cfg = replace(cfg, init_from=str(init_dir))
     dump_config(cfg, run_dir)
     trainer = build_trainer(cfg, stage, _dataset(cfg, stage), run_dir)

@@ -129,9 +129,9 @@ class PredictBatch:
     def __init__(self, config: Mapping[str, Any], device: str = "cpu") -> None:
         import torch
 
+        from d2vlm_ray.model.builders import build_frame_encoder
         from d2vlm_ray.model.checkpoint import from_pretrained
         from d2vlm_ray.model.tokenizer import TokenIds
-        from d2vlm_ray.model.vision import VisionFrameEncoder
 
         self.cfg = as_config(config)
         if device == "cuda" and not torch.cuda.is_available():
@@ -140,7 +140,7 @@ class PredictBatch:
         self.model, self.tokenizers, self.model_cfg = from_pretrained(
             self.cfg.checkpoint_dir, dtype=dtype, device=device
         )
-        self.encoder = VisionFrameEncoder(self.model.vision, self.model_cfg.vision.image_size)
+        self.encoder = build_frame_encoder(self.model, self.model_cfg.vision.image_size)
         self.ids = TokenIds.from_tokenizer(self.tokenizers.llm)
         from d2vlm_ray.cache import FeatureSource
 
@@ -255,7 +255,8 @@ class PredictBatch:
             "cache_hit": feats.cache_hit,
             "status": "ok",
             "error": None,
-            "warnings": list(feats.warnings),
+            # The decode's warnings, then the model's own (e.g. a malformed temporal marker).
+            "warnings": list(feats.warnings) + list(result.warnings),
             "missing_timestamps_s": list(feats.missing_timestamps_s),
         }
         if settings.do_sample:
