@@ -1,4 +1,4 @@
-"""The frozen frame encoder: EVA ViT-g in the BLIP-2 layout (official), or an EfficientNet-Lite.
+"""The frozen frame encoder: EVA ViT-g in the BLIP-2 layout (official), an EfficientNet-Lite, or a CLIP ViT.
 
 The official model keeps the first 39 of EVA-G's 40 blocks, applies no final norm, and
 drops the CLS token, giving ``[F, 256, 1408]`` patch features per video at 224 px. These
@@ -9,6 +9,11 @@ The ``efficientnet_lite`` family (``efficientnet_lite_pytorch``, the ``backbones
 gives the last convolutional feature map flattened instead: ``[F, 49, 1280]`` for Lite0 at
 224 px. It has no pooling and no classifier, and its batch norms stay in eval mode even
 when the surrounding model trains.
+
+The ``clip`` family (transformers' ``CLIPVisionModel``) is Grounded-VideoLLM's image encoder
+(Phi-3.5-V's CLIP ViT-L/14 at 336 px officially). Like the official model it gives the
+*second-to-last* layer's hidden states without CLS: ``[F, (S/p)^2, C]``, ``[F, 576, 1024]``
+at the official sizes.
 """
 
 from __future__ import annotations
@@ -18,14 +23,14 @@ import hashlib
 import numpy as np
 import torch
 from torch import nn
-from transformers import Blip2VisionConfig, Blip2VisionModel
+from transformers import Blip2VisionConfig, Blip2VisionModel, CLIPVisionConfig, CLIPVisionModel
 
 from d2vlm_ray.config.schema import VisionConfig
 from d2vlm_ray.data.transforms import clip_center_transform, transform_id
 from d2vlm_ray.model.backbones import BACKBONES_EXTRA_HINT, MissingExtraError
 
 # The pixel normalisation each family's weights expect; it is part of the transform id.
-NORMALIZATION_BY_FAMILY = {"eva": "clip", "efficientnet_lite": "efficientnet_lite"}
+NORMALIZATION_BY_FAMILY = {"eva": "clip", "efficientnet_lite": "efficientnet_lite", "clip": "clip"}
 
 
 class EfficientNetLiteFeatures(nn.Module):
@@ -116,6 +121,8 @@ def build_vision_model(cfg: VisionConfig) -> nn.Module:
         return build_eva_vit(cfg)
     if cfg.family == "efficientnet_lite":
         return build_efficientnet_lite(cfg)
+    if cfg.family == "clip":
+        return build_clip_vision(cfg)
     raise ValueError(f"model.vision.family: unknown family {cfg.family!r}")
 
 
@@ -154,6 +161,73 @@ def build_eva_vit(cfg: VisionConfig) -> Blip2VisionModel:
     return model
 
 
+def build_clip_vision(cfg: VisionConfig) -> CLIPVisionModel:
+    """A frozen CLIP vision transformer (random weights) sized from ``cfg``.
+
+    Args:
+        cfg: The vision settings; ``image_size``, ``patch_size``, ``hidden_size``,
+            ``num_layers``, ``num_heads``, ``intermediate_size`` and ``layer_norm_eps`` size it.
+
+    Returns:
+        The model in eval mode with every parameter frozen.
+
+    Raises:
+        ValueError: If the patch size does not divide the image size or the heads the width.
+    """
+    if cfg.image_size % cfg.patch_size:
+        raise ValueError(f"model.vision.patch_size: {cfg.patch_size} does not divide image_size {cfg.image_size}")
+    if cfg.hidden_size % cfg.num_heads:
+        raise ValueError(f"model.vision.num_heads: {cfg.num_heads} does not divide hidden_size {cfg.hidden_size}")
+    hf_cfg = CLIPVisionConfig(
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        # OpenAI's CLIP ViTs (Phi-3.5-V's included) use the sigmoid GELU approximation.
+        hidden_act="quick_gelu",
+        layer_norm_eps=cfg.layer_norm_eps,
+        # The patch and position embeddings draw from this std; real runs load CLIP weights,
+        # but a random tiny encoder must still give features that vary with the pixels.
+        initializer_range=0.02,
+    )
+    hf_cfg._attn_implementation = "eager"
+    model = CLIPVisionModel(hf_cfg)
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def vision_family(model: nn.Module) -> str:
+    """The :data:`NORMALIZATION_BY_FAMILY` key of a model built by :func:`build_vision_model`."""
+    if isinstance(model, EfficientNetLiteFeatures):
+        return "efficientnet_lite"
+    if isinstance(model, CLIPVisionModel):
+        return "clip"
+    return "eva"
+
+
+def patch_features(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """Normalised pixels ``[F, 3, S, S]`` to a frame encoder's patch features ``[F, P, C]`` (no CLS).
+
+    Args:
+        model: A model built by :func:`build_vision_model`, on the pixels' device and dtype.
+        pixels: The transformed frames.
+
+    Returns:
+        EVA: the last (un-normed) block; CLIP: the second-to-last layer, as Grounded-VideoLLM
+        takes it; EfficientNet-Lite: the last feature map, flattened row-major.
+    """
+    family = vision_family(model)
+    if family == "efficientnet_lite":
+        return model(pixels)  # [F, P, C]
+    if family == "clip":
+        hidden = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]  # [F, 1 + P, C]
+        return hidden[:, 1:]
+    return model(pixel_values=pixels).last_hidden_state[:, 1:]  # [F, P, C], CLS dropped
+
+
 def weights_sha256(module: nn.Module) -> str:
     """sha256 over a module's parameters and buffers in name order (device and dtype independent)."""
     digest = hashlib.sha256()
@@ -165,10 +239,10 @@ def weights_sha256(module: nn.Module) -> str:
 
 
 class VisionFrameEncoder:
-    """Implements :class:`d2vlm_ray.types.FrameEncoder` over either frame-encoder family.
+    """Implements :class:`d2vlm_ray.types.FrameEncoder` over any frame-encoder family.
 
     Args:
-        model: The frozen BLIP-2 vision transformer or :class:`EfficientNetLiteFeatures`.
+        model: The frozen BLIP-2 or CLIP vision transformer, or :class:`EfficientNetLiteFeatures`.
         image_size: Square input side the transform produces.
         chunk_frames: Frames encoded per forward call, bounding peak memory on long videos.
     """
@@ -178,7 +252,7 @@ class VisionFrameEncoder:
         self._image_size = image_size
         self.chunk_frames = chunk_frames
         self._encoder_id: str | None = None
-        self._family = "efficientnet_lite" if isinstance(model, EfficientNetLiteFeatures) else "eva"
+        self._family = vision_family(model)
         self._normalization = NORMALIZATION_BY_FAMILY[self._family]
 
     @property
@@ -193,8 +267,8 @@ class VisionFrameEncoder:
 
     @property
     def encoder_id(self) -> str:
-        """``eva-vit/<layers>x<width>p<patch>/<sha>`` or ``efficientnet-lite/<variant>w<w>d<d>/<sha>``
-        (sha = the weights' sha256 prefix), computed once."""
+        """``eva-vit/<layers>x<width>p<patch>/<sha>``, ``clip-vit/<layers>x<width>p<patch>/<sha>`` or
+        ``efficientnet-lite/<variant>w<w>d<d>/<sha>`` (sha = the weights' sha256 prefix), computed once."""
         if self._encoder_id is None:
             model = self.model
             if isinstance(model, EfficientNetLiteFeatures):
@@ -203,7 +277,7 @@ class VisionFrameEncoder:
             else:
                 cfg = model.config
                 arch = f"{cfg.num_hidden_layers}x{cfg.hidden_size}p{cfg.patch_size}"
-                family = "eva-vit"
+                family = "clip-vit" if self._family == "clip" else "eva-vit"
             self._encoder_id = f"{family}/{arch}/{weights_sha256(model)[:16]}"
         return self._encoder_id
 
@@ -219,9 +293,5 @@ class VisionFrameEncoder:
         out = []
         for start in range(0, pixels.shape[0], self.chunk_frames):
             chunk = pixels[start : start + self.chunk_frames].to(param.device, param.dtype)
-            if self._family == "efficientnet_lite":
-                out.append(self.model(chunk).to("cpu"))  # [f, P, C]
-                continue
-            hidden = self.model(pixel_values=chunk).last_hidden_state  # [f, 1 + P, C]
-            out.append(hidden[:, 1:].to("cpu"))  # drop CLS
+            out.append(patch_features(self.model, chunk).to("cpu"))  # [f, P, C]
         return torch.cat(out, dim=0)
