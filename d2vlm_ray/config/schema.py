@@ -90,8 +90,8 @@ class VideoEncoderConfig:
         num_layers: Transformer blocks.
         num_heads: Attention heads.
         intermediate_size: MLP width.
-        num_frames: Rows of the learned time embedding; segments with other frame counts
-            interpolate it (TimeSformer does so itself).
+        num_frames: Frames TimeSformer takes per segment (its layers reshape by this count,
+            so every segment is resampled to it; see :mod:`d2vlm_ray.model.two_stream`).
         layer_norm_eps: LayerNorm epsilon.
     """
 

@@ -16,13 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from d2vlm_ray.cache.spec import LEGACY_KEYS, SERVE_DEFAULT_MAX_FRAMES, FeatureSpec, legacy_key_hint
 from d2vlm_ray.config import ConfigError, from_dict
+from d2vlm_ray.config.presets import PRESETS, TINY_PRESETS
 from d2vlm_ray.serving.core import FeatureSettings
 
 QUICKSTART_HINT = (
     "For the tiny quickstart model, run the quickstart first (it writes a checkpoint), or create a random "
-    "tiny checkpoint with: python -c \"from d2vlm_ray.config import from_dict, ModelConfig; "
+    "PRESET checkpoint with: python -c \"from d2vlm_ray.config import from_dict, ModelConfig; "
     "from d2vlm_ray.model.checkpoint import init_checkpoint; "
-    "init_checkpoint(from_dict(ModelConfig, {'preset': 'tiny'}), 'CHECKPOINT_DIR')\""
+    "init_checkpoint(from_dict(ModelConfig, {'preset': 'PRESET'}), 'CHECKPOINT_DIR')\""
 )
 
 
@@ -70,7 +71,7 @@ class ServeArgs(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
     checkpoint_dir: str
-    preset: Literal["tiny", "phi3-mini"] | None = None
+    preset: str | None = None
     model_id: str = "d2vlm"
     features: FeatureSpec
     media_roots: list[str] = Field(default_factory=list)
@@ -101,6 +102,13 @@ class ServeArgs(BaseModel):
             if hint:
                 raise ValueError(f"ServeArgs: old layout{hint}")
         return data
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str | None) -> str | None:
+        if value is not None and value not in PRESETS:
+            raise ValueError(f"unknown model preset {value!r}; choose one of {sorted(PRESETS)}")
+        return value
 
     @field_validator("features", mode="before")
     @classmethod
@@ -165,8 +173,9 @@ class ServeArgs(BaseModel):
             return
         problem = "does not exist" if not ckpt.exists() else "holds no config.json (not a checkpoint)"
         message = f"checkpoint_dir {str(ckpt)!r} {problem}."
-        if self.preset in (None, "tiny"):
-            message += " " + QUICKSTART_HINT.replace("CHECKPOINT_DIR", str(ckpt))
+        if self.preset in (None, *TINY_PRESETS):
+            hint = QUICKSTART_HINT.replace("PRESET", self.preset or "tiny")
+            message += " " + hint.replace("CHECKPOINT_DIR", str(ckpt))
         else:
             message += " Point checkpoint_dir at a trained d2vlm_ray checkpoint (jobs write them under runs/)."
         raise FileNotFoundError(message)
