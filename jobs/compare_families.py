@@ -17,8 +17,9 @@ predictions, the project's metrics). Training differs only as each paper prescri
   fine-tuning on tvg, dvc and gqa.
 
 It prints one table (R@1 at IoU 0.3/0.5/0.7, mIoU, dense-captioning F1, grounded-QA
-accuracy, training s/step, inference ms/sample) plus the temporal-token quantisation error
-of the ground-truth spans at M = 50/100/300, writes ``summary.json`` and ``compare.png``.
+accuracy, training s/step, inference ms/sample), the two trivial grounding baselines, and the
+temporal-token quantisation error of the test split's ground-truth spans at M = 50/100/300,
+and writes ``summary.json`` and ``compare.png``.
 No bar says which family should win: this job reports what it measures.
 """
 
@@ -119,34 +120,6 @@ def stage_steps(total: int, fractions: list[float]) -> list[int]:
     return [*steps, total - sum(steps)]
 
 
-def caption_records(records: list[Any]) -> list[Any]:
-    """Video-caption pairs for Grounded-VideoLLM's stage 1 from dense-captioning records.
-
-    The caption of a video is its event captions in order, without times: stage 1 aligns the
-    projected video tokens with the LLM before any temporal token exists.
-    """
-    from d2vlm_ray.types import VideoRecord
-
-    out = []
-    for r in records:
-        if r.task != "dvc" or not r.captions:
-            continue
-        text = " ".join(c.strip().rstrip(".") + "." for c in r.captions)
-        out.append(
-            VideoRecord(
-                video=r.video,
-                duration_s=r.duration_s,
-                query="Describe the video.",
-                task="cap",
-                source=r.source,
-                answer=text,
-                sample_id=f"{r.sample_id}/cap",
-                split=r.split,
-            )
-        )
-    return out
-
-
 def _quickstart_cfg(cfg: CompareConfig, preset: str, lora: dict[str, Any], steps: int) -> QuickstartConfig:
     """The quickstart settings the shared helpers read, for one family and stage."""
     model = from_dict(ModelConfig, merge_dicts(asdict(from_dict(ModelConfig, {"preset": preset})), {"lora": lora}))
@@ -170,20 +143,16 @@ def _quickstart_cfg(cfg: CompareConfig, preset: str, lora: dict[str, Any], steps
     )
 
 
-def _train_plan(cfg: CompareConfig, family: str, ann: dict[str, Path], root: Path, out: Path) -> list[dict[str, Any]]:
+def _train_plan(cfg: CompareConfig, family: str, ann: dict[str, Path], root: Path) -> list[dict[str, Any]]:
     """The training stages of one family: name, steps, LoRA policy and data."""
     data = {"train": str(ann["train"]), "video_root": str(root), "task_repeats": dict(cfg.task_repeats)}
     all_tasks = {**data, "tasks": ["tvg", "dvc", "gqa"]}
     if family == "d2vlm":
         return [{"name": "sft", "steps": cfg.steps, "lora": {}, "data": all_tasks}]
-    from d2vlm_ray.data.annotations import read_evi_json, write_evi_json
-
-    captions = out / "gvl_stage1_captions.json"
-    write_evi_json(caption_records(read_evi_json(ann["train"]).records), captions)
     s1, s2, s3 = stage_steps(cfg.steps, cfg.gvl_stage_fractions)
     return [
         {"name": "stage1_align", "steps": s1, "lora": {"tuning_mode": "projectors"},
-         "data": {"train": str(captions), "video_root": str(root)}},
+         "data": {"train": str(ann["train"]), "video_root": str(root), "captions_only": True}},
         {"name": "stage2_grounded", "steps": s2, "lora": {"tuning_mode": "attention"},
          "data": {**data, "tasks": ["tvg", "dvc"], "task_repeats": {"tvg": cfg.task_repeats.get("tvg", 1)}}},
         {"name": "stage3_mixed", "steps": s3, "lora": {"tuning_mode": "attention"}, "data": all_tasks},
@@ -231,6 +200,7 @@ def run(cfg: CompareConfig) -> dict[str, Any]:
 
     from d2vlm_ray.config.load import dump_config
     from d2vlm_ray.data.annotations import read_evi_json
+    from d2vlm_ray.data.synthetic import grounding_baselines
     from d2vlm_ray.model.checkpoint import init_checkpoint
     from d2vlm_ray.pipelines.build_cache import BuildCacheConfig, build_cache
     from d2vlm_ray.pipelines.runtime import ensure_ray
@@ -265,7 +235,7 @@ def run(cfg: CompareConfig) -> dict[str, Any]:
                 ),
             )
             train_s, steps = 0.0, 0
-            for stage in _train_plan(cfg, family, ann, root, fam_out):
+            for stage in _train_plan(cfg, family, ann, root):
                 qcfg = _quickstart_cfg(cfg, preset, stage["lora"], stage["steps"])
                 summary = stages.run(
                     f"{family}: {stage['name']} ({stage['steps']} steps, Ray Train + DeepSpeed)",
@@ -295,11 +265,13 @@ def run(cfg: CompareConfig) -> dict[str, Any]:
     finally:
         if started_ray:
             ray.shutdown()
+    trivial = grounding_baselines(read_evi_json(ann["train"]).records, test_records)
     summary = {
         "seed": cfg.seed,
         "steps": cfg.steps,
         "gvl_stage_steps": stage_steps(cfg.steps, cfg.gvl_stage_fractions),
         "families": results,
+        "baselines_r1_iou_0_5": {"whole_video": trivial["whole_video_r1"], "training_mean_span": trivial["train_mean_r1"]},
         "quantisation": _quantisation(test_records),
         "stage_seconds": stages.seconds,
         "wall_seconds": round(time.perf_counter() - started_s, 1),
@@ -355,6 +327,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(f"|---|{'---|' * len(fams)}")
     for label, key in ROWS:
         print(f"| {label} | {' | '.join(_fmt(summary['families'][f].get(key)) for f in fams)} |")
+    base = summary["baselines_r1_iou_0_5"]
+    print(f"\ntrivial baselines, R@1 IoU 0.5: whole video {base['whole_video']:.3f}, "
+          f"training-mean span {base['training_mean_span']:.3f}")
     print("\ntemporal-token quantisation error of the test split's ground-truth spans:")
     for m, err in summary["quantisation"].items():
         print(f"  M={m}: mean {err['mean_abs_s']:.3f} s, max {err['max_abs_s']:.3f} s, mean/duration {err['mean_rel']:.4f}")

@@ -136,7 +136,8 @@ def test_gvl_app_grounds_and_answers_over_http(app: dict[str, Any]) -> None:
     url = app["url"]
     assert requests.get(url + "/healthz", timeout=HTTP_TIMEOUT_S).json() == {"status": "ok"}
     (model,) = requests.get(url + "/v1/models", timeout=HTTP_TIMEOUT_S).json()["data"]
-    assert model["preset"] == "tiny-gvl" and model["encoder_id"].startswith("two-stream/")
+    assert model["preset"] == "tiny-gvl" and model["family"] == "grounded_videollm"
+    assert model["encoder_id"].startswith("two-stream/")
 
     options = {"max_grounding_tokens": GROUNDING_TOKENS}
     first = _post(app, "/v1/ground", {"video": "a.mp4", "query": QUESTION, "options": options})

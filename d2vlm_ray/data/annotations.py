@@ -410,6 +410,35 @@ def read_evi_json(
     return reader.result
 
 
+CAPTION_QUERY = "Describe the video."
+
+
+def caption_records(records: Sequence[VideoRecord]) -> list[VideoRecord]:
+    """Video-caption pairs (task ``cap``) made from the dense-captioning records among ``records``.
+
+    A video's caption is its event captions in order, without times and without ``<evi>``:
+    Grounded-VideoLLM's first stage aligns the projected video tokens with the LLM on plain
+    captions, before any temporal token is trained. Records of other tasks give nothing.
+    """
+    out = []
+    for r in records:
+        if r.task != "dvc" or not r.captions:
+            continue
+        out.append(
+            VideoRecord(
+                video=r.video,
+                duration_s=r.duration_s,
+                query=CAPTION_QUERY,
+                task="cap",
+                source=r.source,
+                answer=" ".join(c.strip().rstrip(".") + "." for c in r.captions),
+                sample_id=f"{r.sample_id}/cap",
+                split=r.split,
+            )
+        )
+    return out
+
+
 def record_to_evi(record: VideoRecord, video_root: str | None = None) -> dict[str, Any]:
     """One ``evi.json`` record (plain JSON types) for a :class:`VideoRecord`.
 

@@ -145,8 +145,8 @@ class GroundedVideoLLM(LLMHost):
         prompt = list(batch.suffix_ids[b][: batch.prompt_lens[b]])
         n_src = sum(1 for t in prompt if t == self.evi_token_id)
         new_ids, new_labels = expand_evidence(ids, self.evi_token_id, bins, self.first_temporal_id, labels)
-        prompt_len, _ = expand_evidence(prompt, self.evi_token_id, bins[:n_src], self.first_temporal_id)
-        return new_ids, new_labels, len(prompt_len)
+        new_prompt, _ = expand_evidence(prompt, self.evi_token_id, bins[:n_src], self.first_temporal_id)
+        return new_ids, new_labels, len(new_prompt)
 
     def sequence(
         self,

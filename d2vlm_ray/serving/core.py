@@ -336,16 +336,18 @@ def load_model(
     return model, tokenizers, cfg
 
 
-def load_llm_tokenizer_for(ckpt_dir: str | Path) -> tuple[Any, str]:
-    """The LLM tokenizer of a checkpoint (for rendering text) and its preset name.
+def load_llm_tokenizer_for(ckpt_dir: str | Path) -> tuple[Any, str, str]:
+    """The LLM tokenizer of a checkpoint (for rendering text), its preset name and its model family.
 
     Cheap compared with :func:`load_model`: the Ingress renders responses with it.
     """
     ckpt_dir = Path(ckpt_dir)
     meta = json.loads((ckpt_dir / CONFIG_NAME).read_text())
     if meta.get("format") == FORMAT:
-        return load_llm_tokenizer(ckpt_dir / "tokenizer"), str(meta.get("model", {}).get("preset", ""))
-    return load_llm_tokenizer(ckpt_dir), "phi3-mini"
+        model = meta.get("model", {})
+        tokenizer = load_llm_tokenizer(ckpt_dir / "tokenizer")
+        return tokenizer, str(model.get("preset", "")), str(model.get("family", "d2vlm"))
+    return load_llm_tokenizer(ckpt_dir), "phi3-mini", "d2vlm"
 
 
 @dataclass

@@ -577,7 +577,7 @@ class Ingress:
         self.frame_encoder = frame_encoder
         self.grounder = grounder
         self.answerer = answerer
-        self.tokenizer, self.preset = load_llm_tokenizer_for(self.args.checkpoint_dir)
+        self.tokenizer, self.preset, self.family = load_llm_tokenizer_for(self.args.checkpoint_dir)
         self.inflight: dict[int, float] = {}
         self._next_slot = 0
         self._encoder_info: dict[str, str] | None = None
@@ -798,6 +798,7 @@ class Ingress:
         info = ModelInfo(
             id=a.model_id,
             preset=self.preset,
+            family=self.family,
             encoder_id=self._encoder_info["encoder_id"],
             dtype=a.dtype,
             fps=a.features.fps,

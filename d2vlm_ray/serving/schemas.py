@@ -212,6 +212,7 @@ class ModelInfo(BaseModel):
 
     id: str
     preset: str
+    family: str = Field("d2vlm", description="Model family: d2vlm or grounded_videollm.")
     encoder_id: str
     dtype: str
     fps: float

@@ -51,6 +51,9 @@ class DataSettings:
             not named appear once.
         max_samples: Use at most this many training samples (0 = all), for smoke runs.
         max_text_tokens: Q-Former question tokens kept.
+        captions_only: SFT: train on video-caption pairs made from the dense-captioning
+            records (:func:`d2vlm_ray.data.annotations.caption_records`: the captions in order,
+            no times), Grounded-VideoLLM's stage 1; ``tasks`` then filters nothing.
     """
 
     train: str = ""
@@ -62,6 +65,7 @@ class DataSettings:
     task_repeats: dict[str, int] = field(default_factory=dict)
     max_samples: int = 0
     max_text_tokens: int = 256
+    captions_only: bool = False
 
 
 @dataclass

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from d2vlm_ray.cache import CachedFeatures, FeatureMissingError, FeatureSource
-from d2vlm_ray.data.annotations import read_evi_json
+from d2vlm_ray.data.annotations import caption_records, read_evi_json
 from d2vlm_ray.model.builders import Tokenizers
 from d2vlm_ray.model.inputs import D2VLMBatch, build_batch
 from d2vlm_ray.model.preference import PairBatch, build_pair_batch
@@ -170,11 +170,14 @@ def load_sft_records(
     tasks: Sequence[str] = (),
     max_samples: int = 0,
     task_repeats: Mapping[str, int] | None = None,
+    captions_only: bool = False,
 ) -> list[VideoRecord]:
     """Read an ``evi.json`` file into training records (those with a response).
 
     ``max_samples`` applies before ``task_repeats``, which lists each record of a named
-    task that many times in a row (the trainer shuffles).
+    task that many times in a row (the trainer shuffles). With ``captions_only`` the
+    records are the video-caption pairs made from the dense-captioning records
+    (:func:`~d2vlm_ray.data.annotations.caption_records`) and ``tasks`` is not applied.
 
     Raises:
         ValueError: If no usable record remains (the message names ``data.train``), or
@@ -182,6 +185,9 @@ def load_sft_records(
             do nothing).
     """
     result = read_evi_json(path, video_root=video_root or None, on_error="skip")
+    if captions_only:
+        result = replace(result, records=caption_records(result.records))
+        tasks = ()
     records = [r for r in result.records if r.answer and (not tasks or r.task in tasks)]
     if max_samples:
         records = records[:max_samples]

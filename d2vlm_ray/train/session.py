@@ -116,6 +116,7 @@ def local_rows(cfg: TrainJobConfig, stage: str) -> list[dict[str, Any]]:
             tasks=cfg.data.tasks,
             max_samples=cfg.data.max_samples,
             task_repeats=cfg.data.task_repeats,
+            captions_only=cfg.data.captions_only,
         )
         return record_rows(records)
     return [p.to_dict() for p in load_pairs(cfg.data.train, video_root=cfg.data.video_root)]
