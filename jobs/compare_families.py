@@ -106,7 +106,7 @@ class CompareConfig:
 SMOKE: dict[str, Any] = {
     "n_videos": 12,
     "split_fractions": [0.5, 0.17, 0.33],
-    "steps": 6,
+    "steps": 20,
     "batch_size": 1,
     "eval_max_new_tokens": 8,
     "timing_samples": 2,
