@@ -245,7 +245,8 @@ def _results(state: DecodeState, tokenizer, stop_ids: set[int]) -> list[Generati
     return out
 
 
-def _stop_ids(tokenizer, ids: TokenIds) -> set[int]:
+def stop_ids_of(tokenizer, ids: TokenIds) -> set[int]:
+    """Ids that end a response: the chat template's end token and the tokenizer's EOS."""
     stops = {ids.end}
     if tokenizer.eos_token_id is not None:
         stops.add(tokenizer.eos_token_id)
@@ -267,7 +268,7 @@ def generate(model: D2VLM, tokenizer, batch: D2VLMBatch, settings: DecodeSetting
 
         return gvl_generation.generate(model, tokenizer, batch, settings)
     ids = TokenIds.from_tokenizer(tokenizer)
-    stops = _stop_ids(tokenizer, ids)
+    stops = stop_ids_of(tokenizer, ids)
     state = decode(model, prefill(model, batch, settings), settings, ids, stop_ids=stops)
     return _results(state, tokenizer, stops)
 
@@ -290,7 +291,7 @@ def ground(
 
         return gvl_generation.ground(model, tokenizer, batch, questions, settings, src_spans_s)
     ids = TokenIds.from_tokenizer(tokenizer)
-    stops = _stop_ids(tokenizer, ids) | {ids.evi_end}
+    stops = stop_ids_of(tokenizer, ids) | {ids.evi_end}
     state = decode(model, prefill(model, batch, settings), settings, ids, stop_ids=stops)
     results = []
     for b in range(batch.size):
@@ -332,7 +333,7 @@ def answer(
 
         return gvl_generation.answer(model, tokenizer, qformer_tokenizer, groundings, settings)
     ids = TokenIds.from_tokenizer(tokenizer)
-    stops = _stop_ids(tokenizer, ids)
+    stops = stop_ids_of(tokenizer, ids)
     frame_tokens = [g.frame_tokens for g in groundings]
     batch = build_batch(
         tokenizer,

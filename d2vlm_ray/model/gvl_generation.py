@@ -19,20 +19,13 @@ import numpy as np
 import torch
 
 from d2vlm_ray.config.schema import DecodeSettings
-from d2vlm_ray.model.generation import GenerationResult, choose_tokens
+from d2vlm_ray.model.generation import GenerationResult, choose_tokens, stop_ids_of
 from d2vlm_ray.model.grounded_videollm import GroundedVideoLLM
 from d2vlm_ray.model.grounding import spans_s_to_idx
 from d2vlm_ray.model.inputs import D2VLMBatch, build_batch
 from d2vlm_ray.model.temporal_tokens import TemporalParse, parse_temporal_ids
 from d2vlm_ray.model.tokenizer import TokenIds, detokenize
 from d2vlm_ray.types import GroundingResult, SpanS
-
-
-def _stop_ids(tokenizer, ids: TokenIds) -> set[int]:
-    stops = {ids.end}
-    if tokenizer.eos_token_id is not None:
-        stops.add(int(tokenizer.eos_token_id))
-    return stops
 
 
 @torch.no_grad()
@@ -127,18 +120,29 @@ def _prompt_ids(batch: D2VLMBatch, b: int, suffix_ids: list[int]) -> list[int]:
     return list(batch.prefix_ids[b]) + list(suffix_ids)
 
 
+def _decode_batch(
+    model: GroundedVideoLLM, batch: D2VLMBatch, settings: DecodeSettings, stops: set[int]
+) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """Video tokens ``[N_i, D]`` and the raw generated ids of every sample of a batch built
+    without responses (one sample at a time)."""
+    settings.validate()
+    model.check_context(batch, extra_tokens=settings.max_new_tokens)
+    video = model.compress(batch)
+    raws = []
+    for b in range(batch.size):
+        seq = model.sequence(batch, b, video[b])
+        raws.append(_decode(model, seq.embeds, _prompt_ids(batch, b, seq.suffix_ids), settings, stops))
+    return video, raws
+
+
 def generate(
     model: GroundedVideoLLM, tokenizer, batch: D2VLMBatch, settings: DecodeSettings
 ) -> list[GenerationResult]:
     """Whole responses (grounding part and answer) for a batch built without responses."""
-    settings.validate()
-    model.check_context(batch, extra_tokens=settings.max_new_tokens)
-    stops = _stop_ids(tokenizer, TokenIds.from_tokenizer(tokenizer))
-    video = model.compress(batch)
+    stops = stop_ids_of(tokenizer, TokenIds.from_tokenizer(tokenizer))
+    _, raws = _decode_batch(model, batch, settings, stops)
     results = []
-    for b in range(batch.size):
-        seq = model.sequence(batch, b, video[b])
-        raw = _decode(model, seq.embeds, _prompt_ids(batch, b, seq.suffix_ids), settings, stops)
+    for b, raw in enumerate(raws):
         ids, spans_s, warnings = neutral_ids(model, raw, batch.durations_s[b])
         truncated = not (raw and raw[-1] in stops)
         results.append(
@@ -160,15 +164,11 @@ def ground(
     ``frame_tokens`` of each result holds the video tokens ``[N, D]``, so answering never
     re-runs the projectors.
     """
-    settings.validate()
-    model.check_context(batch, extra_tokens=settings.max_new_tokens)
     ids = TokenIds.from_tokenizer(tokenizer)
-    stops = _stop_ids(tokenizer, ids) | {ids.evi_end}
-    video = model.compress(batch)
+    stops = stop_ids_of(tokenizer, ids) | {ids.evi_end}
+    video, raws = _decode_batch(model, batch, settings, stops)
     results = []
-    for b in range(batch.size):
-        seq = model.sequence(batch, b, video[b])
-        raw = _decode(model, seq.embeds, _prompt_ids(batch, b, seq.suffix_ids), settings, stops)
+    for b, raw in enumerate(raws):
         neutral, spans_s, warnings = neutral_ids(model, raw, batch.durations_s[b])
         spans_idx = spans_s_to_idx(spans_s, batch.timestamps_s[b], batch.durations_s[b], "generated spans")
         results.append(
@@ -195,7 +195,7 @@ def answer(
     """Continue from grounding results (their video tokens and spans) to the answers."""
     settings.validate()
     ids = TokenIds.from_tokenizer(tokenizer)
-    stops = _stop_ids(tokenizer, ids)
+    stops = stop_ids_of(tokenizer, ids)
     # Only the frame count of these placeholder features is read (for the timestamps check).
     batch = build_batch(
         tokenizer,

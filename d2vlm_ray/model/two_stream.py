@@ -50,7 +50,7 @@ from transformers import TimesformerConfig, TimesformerModel
 
 from d2vlm_ray.config.schema import GVLSettings, ModelConfig, VideoEncoderConfig
 from d2vlm_ray.data.transforms import clip_center_transform, transform_id
-from d2vlm_ray.model.vision import VisionFrameEncoder, build_vision_model, weights_sha256
+from d2vlm_ray.model.vision import VisionFrameEncoder, build_vision_model, check_vit_sizes, weights_sha256
 
 
 def segment_bounds(num_frames: int, num_segments: int) -> list[tuple[int, int]]:
@@ -92,10 +92,7 @@ def build_video_encoder(cfg: VideoEncoderConfig) -> TimesformerModel:
     Raises:
         ValueError: If the patch size does not divide the image size or the heads the width.
     """
-    if cfg.image_size % cfg.patch_size:
-        raise ValueError(f"model.video.patch_size: {cfg.patch_size} does not divide image_size {cfg.image_size}")
-    if cfg.hidden_size % cfg.num_heads:
-        raise ValueError(f"model.video.num_heads: {cfg.num_heads} does not divide hidden_size {cfg.hidden_size}")
+    check_vit_sizes("model.video", cfg)
     hf_cfg = TimesformerConfig(
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers import Blip2VisionConfig, Blip2VisionModel, CLIPVisionConfig, CLIPVisionModel
 
-from d2vlm_ray.config.schema import VisionConfig
+from d2vlm_ray.config.schema import VideoEncoderConfig, VisionConfig
 from d2vlm_ray.data.transforms import clip_center_transform, transform_id
 from d2vlm_ray.model.backbones import BACKBONES_EXTRA_HINT, MissingExtraError
 
@@ -161,6 +161,15 @@ def build_eva_vit(cfg: VisionConfig) -> Blip2VisionModel:
     return model
 
 
+def check_vit_sizes(section: str, cfg: VisionConfig | VideoEncoderConfig) -> None:
+    """Raise ``ValueError`` naming ``section`` if the patch size does not divide the image size
+    or the heads do not divide the width (transformers would fail deep inside otherwise)."""
+    if cfg.image_size % cfg.patch_size:
+        raise ValueError(f"{section}.patch_size: {cfg.patch_size} does not divide image_size {cfg.image_size}")
+    if cfg.hidden_size % cfg.num_heads:
+        raise ValueError(f"{section}.num_heads: {cfg.num_heads} does not divide hidden_size {cfg.hidden_size}")
+
+
 def build_clip_vision(cfg: VisionConfig) -> CLIPVisionModel:
     """A frozen CLIP vision transformer (random weights) sized from ``cfg``.
 
@@ -174,10 +183,7 @@ def build_clip_vision(cfg: VisionConfig) -> CLIPVisionModel:
     Raises:
         ValueError: If the patch size does not divide the image size or the heads the width.
     """
-    if cfg.image_size % cfg.patch_size:
-        raise ValueError(f"model.vision.patch_size: {cfg.patch_size} does not divide image_size {cfg.image_size}")
-    if cfg.hidden_size % cfg.num_heads:
-        raise ValueError(f"model.vision.num_heads: {cfg.num_heads} does not divide hidden_size {cfg.hidden_size}")
+    check_vit_sizes("model.vision", cfg)
     hf_cfg = CLIPVisionConfig(
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
