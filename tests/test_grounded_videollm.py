@@ -95,6 +95,31 @@ def test_neutral_ids_collapse_pairs_and_flag_malformed_markers(tokenizers) -> No
     assert "end before start" in kinds and "lone start" in kinds and len(warnings) == 2
 
 
+def test_a_malformed_marker_reaches_the_http_payload_as_an_output_warning(tokenizers) -> None:
+    from d2vlm_ray.serving.core import grounding_payload
+    from d2vlm_ray.types import GroundingResult
+
+    model = _model(tokenizers)
+    ids = TokenIds.from_tokenizer(tokenizers.llm)
+    neutral, spans_s, warnings = neutral_ids(model, [model.first_temporal_id + 5, ids.evi_end], 10.0)
+    grounding = GroundingResult(
+        question=QUESTION,
+        spans_s=spans_s,
+        spans_idx=[],
+        scores=torch.zeros(0, 3),
+        token_ids=neutral,
+        frame_tokens=torch.zeros(3, 64),
+        evidence_vectors=torch.zeros(0, 64),
+        timestamps_s=np.arange(3.0),
+        duration_s=10.0,
+        warnings=warnings,
+    )
+    body = grounding_payload(grounding, tokenizers.llm, cache_hit=False, timings_ms={})
+    assert body["spans_s"] == [] and "<5>" in body["text"], "the lone marker stays visible and gives no span"
+    assert body["output_warnings"] == warnings and "lone start" in warnings[0]
+    assert body["warnings"] == [], "decode warnings are the video's, not the model's"
+
+
 def test_generate_ground_answer_agree_and_return_neutral_results(tokenizers) -> None:
     model = _model(tokenizers)
     batch, _ = _clip_batch(model, tokenizers, [(2, 5), (10, 20)], responses=False)

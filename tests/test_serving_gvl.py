@@ -128,7 +128,7 @@ def _check_grounding(body: dict[str, Any], n_frames: int) -> None:
     assert len(body["scores"]) == len(body["spans_s"]) and all(len(row) == n_frames for row in body["scores"])
     assert isinstance(body["text"], str) and isinstance(body["complete"], bool)
     assert body["cache"] in ("hit", "miss") and isinstance(body["timings_ms"], dict)
-    assert body["warnings"] == [] and body["missing_timestamps_s"] == []
+    assert body["warnings"] == [] and body["missing_timestamps_s"] == [] and body["output_warnings"] == []
 
 
 @pytest.mark.timeout(420)
@@ -170,4 +170,4 @@ def test_gvl_app_grounds_and_answers_over_http(app: dict[str, Any]) -> None:
     cited = [tuple(s) for s in grounded["spans_s"]] + [tuple(e["span_s"]) for e in out["evidence"]]
     assert cited == [tuple(s) for s in ref_answer.spans_s]
     assert all(out["answer"][e["char_start"] : e["char_end"]] == e["text_ref"] for e in out["evidence"])
-    assert out["warnings"] == [] and out["missing_timestamps_s"] == []
+    assert out["warnings"] == [] and out["missing_timestamps_s"] == [] and out["output_warnings"] == []

@@ -642,7 +642,8 @@ def grounding_payload(
         "complete": bool(tokens) and tokens[-1] in (ids.evi_end, ids.end),
         "cache": "hit" if cache_hit else "miss",
         "timings_ms": dict(timings_ms),
-        "warnings": [str(w) for w in warnings] + [str(w) for w in grounding.warnings],
+        "warnings": [str(w) for w in warnings],
+        "output_warnings": [str(w) for w in grounding.warnings],
         "missing_timestamps_s": [float(t) for t in missing_timestamps_s],
     }
 
@@ -700,7 +701,8 @@ def answer_payload(
             missing_timestamps_s=missing_timestamps_s,
         ),
         "timings_ms": dict(timings_ms),
-        "warnings": [str(w) for w in warnings] + [str(w) for w in result.warnings],
+        "warnings": [str(w) for w in warnings],
+        "output_warnings": [str(w) for w in result.warnings],
         "missing_timestamps_s": [float(t) for t in missing_timestamps_s],
     }
 

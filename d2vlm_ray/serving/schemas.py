@@ -162,6 +162,13 @@ class GroundResponse(BaseModel):
         default_factory=list,
         description="What decoding the video lost or doubted (frames that failed, suspect metadata); empty when clean.",
     )
+    output_warnings: list[str] = Field(
+        default_factory=list,
+        description=(
+            "What the model's output got wrong that its spans do not show, e.g. a Grounded-VideoLLM "
+            "temporal token that formed no span; empty when well formed."
+        ),
+    )
     missing_timestamps_s: list[float] = Field(
         default_factory=list, description="Presentation times of sampled frames that could not be decoded."
     )
@@ -188,6 +195,13 @@ class AnswerResponse(BaseModel):
     warnings: list[str] = Field(
         default_factory=list,
         description="What decoding the video lost or doubted (frames that failed, suspect metadata); empty when clean.",
+    )
+    output_warnings: list[str] = Field(
+        default_factory=list,
+        description=(
+            "What the model's output got wrong that its spans do not show, e.g. a Grounded-VideoLLM "
+            "temporal token that formed no span; empty when well formed."
+        ),
     )
     missing_timestamps_s: list[float] = Field(
         default_factory=list, description="Presentation times of sampled frames that could not be decoded."

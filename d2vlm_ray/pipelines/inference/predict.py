@@ -56,6 +56,7 @@ def failed_prediction(
         "status": "failed",
         "error": {"reason": reason, "message": message},
         "warnings": [str(w) for w in warnings],
+        "output_warnings": [],
         "missing_timestamps_s": [float(t) for t in missing_timestamps_s],
     }
 
@@ -255,8 +256,9 @@ class PredictBatch:
             "cache_hit": feats.cache_hit,
             "status": "ok",
             "error": None,
-            # The decode's warnings, then the model's own (e.g. a malformed temporal marker).
-            "warnings": list(feats.warnings) + list(result.warnings),
+            # The decode's warnings; what the model's output got wrong is kept apart.
+            "warnings": list(feats.warnings),
+            "output_warnings": list(result.warnings),
             "missing_timestamps_s": list(feats.missing_timestamps_s),
         }
         if settings.do_sample:

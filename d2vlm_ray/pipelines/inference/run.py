@@ -93,7 +93,7 @@ def evaluate(cfg: EvaluateConfig | Mapping[str, Any]) -> dict[str, Any]:
 
     Returns:
         ``metrics`` (as in ``metrics.json``), counts (``n_samples``, ``n_predicted`` now,
-        ``n_resumed``, ``n_failed``, ``n_truncated``, ``n_with_decode_warnings``), ``seed`` and the written paths
+        ``n_resumed``, ``n_failed``, ``n_truncated``, ``n_with_decode_warnings``, ``n_with_output_warnings``), ``seed`` and the written paths
         (``output_dir``, ``predictions``, ``metrics_path``, ``summary``, ``plots``).
 
     Raises:
@@ -141,6 +141,7 @@ def evaluate(cfg: EvaluateConfig | Mapping[str, Any]) -> dict[str, Any]:
         "n_predicted": n_predicted,
         "n_resumed": len(selected) - len(todo),
         "n_with_decode_warnings": sum(bool(p.get("warnings")) for p in predictions),
+        "n_with_output_warnings": sum(bool(p.get("output_warnings")) for p in predictions),
         "annotation_errors": sample_set.annotation_errors,
         "inference_s": round(infer_s, 3),
         "samples_per_s": round(n_predicted / infer_s, 3) if n_predicted and infer_s > 0 else None,
@@ -169,6 +170,12 @@ def evaluate(cfg: EvaluateConfig | Mapping[str, Any]) -> dict[str, Any]:
             "evaluate: %d predictions were made on videos whose decode reported warnings (lost frames); "
             "see their 'warnings' in %s", run_info["n_with_decode_warnings"], predictions_path,
         )
+    if run_info["n_with_output_warnings"]:
+        logger.warning(
+            "evaluate: %d predictions hold malformed output the metrics could not read as spans "
+            "(e.g. a lone temporal token); see their 'output_warnings' in %s",
+            run_info["n_with_output_warnings"], predictions_path,
+        )
     return {
         "metrics": metrics,
         "n_samples": len(selected),
@@ -177,6 +184,7 @@ def evaluate(cfg: EvaluateConfig | Mapping[str, Any]) -> dict[str, Any]:
         "n_failed": counts.get("failed", 0),
         "n_truncated": counts.get("truncated", 0),
         "n_with_decode_warnings": run_info["n_with_decode_warnings"],
+        "n_with_output_warnings": run_info["n_with_output_warnings"],
         "seed": cfg.decoding.seed,
         "output_dir": str(out_dir),
         "predictions": str(predictions_path),
