@@ -199,3 +199,19 @@ def test_tiny_model_learns_to_ground_held_out_clips(trained: dict) -> None:
     assert {"projector", "lora", "embed", "lm_head"} <= trained["changed"]
     assert "vision" not in trained["changed"]
     assert trained["after"]["R@0.5"] > trained["before"]["R@0.5"], (trained["before"], trained["after"])
+
+
+def test_streaming_an_answer_reports_the_tokens_and_result_of_the_whole_answer(tokenizers) -> None:
+    from d2vlm_ray.serving.core import AnsweringService
+
+    model = _model(tokenizers, seed=1)
+    batch, _ = _clip_batch(model, tokenizers, [(4, 9)], responses=False)
+    settings = DecodeSettings(max_new_tokens=10)
+    (grounding,) = ground(model, tokenizers.llm, batch, [QUESTION], settings)
+    service = AnsweringService(model, tokenizers, gvl_config())
+    *streamed, final = list(service.stream(grounding, settings))
+    (whole,) = service.answer_many([grounding], [settings])
+    assert final.token_ids == whole.token_ids and final.text == whole.text and final.spans_s == whole.spans_s
+    n_ground = len(grounding.token_ids)
+    assert [t.token_id for t in streamed] == whole.token_ids[n_ground:]
+    assert [t.span_s for t in streamed if t.span_s is not None] == whole.spans_s[len(grounding.spans_s) :]
