@@ -11,13 +11,13 @@ from d2vlm_ray.model.temporal_tokens import (
     TemporalProblem,
     add_temporal_tokens,
     bin_to_time,
+    collapse_to_evidence,
     expand_evidence,
     first_temporal_id,
     parse_bins,
     parse_temporal_ids,
     parse_temporal_text,
     quantisation_error,
-    render_temporal_text,
     span_to_bins,
     temporal_token_strings,
     time_to_bin,
@@ -29,7 +29,6 @@ from d2vlm_ray.model.tokenizer import (
     build_tiny_llm_tokenizer,
     detokenize,
     format_span,
-    format_time_s,
     load_llm_tokenizer,
 )
 
@@ -211,6 +210,12 @@ def _ids(tok, words: list[str]) -> list[int]:
     return [tok.convert_tokens_to_ids(w) for w in words]
 
 
+def _render(tok, ids: list[int], first: int, num_bins: int, duration_s: float):
+    """GVL ids as the project renders them: collapsed to ``<evi>`` and detokenized."""
+    neutral, parse = collapse_to_evidence(ids, TokenIds.from_tokenizer(tok).evi, first, num_bins, duration_s)
+    return detokenize(tok, neutral, parse.spans_s), parse
+
+
 def test_render_matches_d2vlm_detokenize(tok_with_bins) -> None:
     tok, first = tok_with_bins
     duration_s, num_bins = 12.0, 10
@@ -220,25 +225,30 @@ def test_render_matches_d2vlm_detokenize(tok_with_bins) -> None:
     expected = detokenize(tok, d2vlm_ids, [span, span])
     gvl_ids, _ = expand_evidence(d2vlm_ids, TokenIds.from_tokenizer(tok).evi, [(3, 7), (3, 7)], first)
     assert gvl_ids[:2] == [first + 3, first + 7]
-    text, parse = render_temporal_text(tok, gvl_ids, first, num_bins, duration_s)
+    text, parse = _render(tok, gvl_ids, first, num_bins, duration_s)
     assert text == expected
     assert parse.ok and parse.bins == [(3, 7), (3, 7)]
     assert parse_temporal_text(text, duration_s, num_bins).bins == []
+    neutral, _ = collapse_to_evidence(gvl_ids, TokenIds.from_tokenizer(tok).evi, first, num_bins, duration_s)
+    assert neutral == d2vlm_ids, "collapsing undoes expand_evidence"
 
 
 def test_render_lone_and_ill_ordered_markers(tok_with_bins) -> None:
     tok, first = tok_with_bins
     duration_s, num_bins = 12.0, 10
     ids = [first + 8, first + 2, tok.convert_tokens_to_ids("red"), first + 5, tok.convert_tokens_to_ids("<|end|>")]
-    text, parse = render_temporal_text(tok, ids, first, num_bins, duration_s)
-    t8, t2, t5 = (bin_to_time(k, duration_s, num_bins) for k in (8, 2, 5))
-    assert text == f"{format_time_s(t8)}  {format_time_s(t2)}  red {format_time_s(t5)}"
+    text, parse = _render(tok, ids, first, num_bins, duration_s)
+    # Malformed markers give no span and stay visible verbatim: the reader sees what was emitted.
+    assert text == "<8> <2> red <5>"
+    assert parse.spans_s == []
     assert [p.kind for p in parse.problems] == ["end_before_start", "lone_start"]
 
 
 def test_render_keeps_text_between_pair_markers(tok_with_bins) -> None:
     tok, first = tok_with_bins
-    ids = [first + 1, tok.convert_tokens_to_ids("red"), first + 4, tok.convert_tokens_to_ids("<|end|>")]
-    text, parse = render_temporal_text(tok, ids, first, 10, 10.0)
-    assert text == f"{format_span((1.0, 4.0))} red"
+    red, end = tok.convert_tokens_to_ids("red"), tok.convert_tokens_to_ids("<|end|>")
+    text, parse = _render(tok, [first + 1, red, first + 4, end], first, 10, 10.0)
+    evi = TokenIds.from_tokenizer(tok).evi
+    assert text == detokenize(tok, [evi, red, end], [(1.0, 4.0)])
+    assert text.startswith(format_span((1.0, 4.0))) and text.endswith("red")
     assert parse.bins == [(1, 4)]

@@ -23,7 +23,7 @@ from d2vlm_ray.model.generation import GenerationResult, choose_tokens, stop_ids
 from d2vlm_ray.model.grounded_videollm import GroundedVideoLLM
 from d2vlm_ray.model.grounding import spans_s_to_idx
 from d2vlm_ray.model.inputs import D2VLMBatch, build_batch
-from d2vlm_ray.model.temporal_tokens import TemporalParse, parse_temporal_ids
+from d2vlm_ray.model.temporal_tokens import collapse_to_evidence
 from d2vlm_ray.model.tokenizer import TokenIds, detokenize
 from d2vlm_ray.types import GroundingResult, SpanS
 
@@ -60,31 +60,14 @@ def neutral_ids(
         The ids in neutral form, the span of each ``<evi>`` in seconds, and one warning per
         malformed marker (whose raw id is kept).
     """
-    parse: TemporalParse = parse_temporal_ids(raw_ids, model.first_temporal_id, model.num_temporal_tokens, duration_s)
-    bad = set()
-    warnings = []
-    for problem in parse.problems:
-        n_markers = 2 if problem.kind == "end_before_start" else 1
-        bad.update(range(problem.position, problem.position + n_markers))
-        shown = " ".join(f"<{b}>" for b in problem.bins)
-        warnings.append(f"temporal tokens: {problem.kind.replace('_', ' ')} at {shown}; no span was read from it")
-    out: list[int] = []
-    marker = 0
-    temporal = set(model.temporal_ids)
-    pending_end = False
-    for tok in raw_ids:
-        if tok not in temporal:
-            out.append(tok)
-            continue
-        if marker in bad:
-            out.append(tok)
-        elif pending_end:
-            pending_end = False
-        else:
-            out.append(model.evi_token_id)
-            pending_end = True
-        marker += 1
-    return out, list(parse.spans_s), warnings
+    neutral, parse = collapse_to_evidence(
+        raw_ids, model.evi_token_id, model.first_temporal_id, model.num_temporal_tokens, duration_s
+    )
+    warnings = [
+        f"temporal tokens: {p.kind.replace('_', ' ')} at {' '.join(f'<{b}>' for b in p.bins)}; no span was read from it"
+        for p in parse.problems
+    ]
+    return neutral, list(parse.spans_s), warnings
 
 
 def _span_scores(spans_idx: Sequence[tuple[int, int]], n_frames: int) -> torch.Tensor:

@@ -27,7 +27,6 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
-from d2vlm_ray.model.tokenizer import chat_template, format_span, format_time_s
 from d2vlm_ray.types import SpanS
 
 ProblemKind = Literal["lone_start", "end_before_start", "out_of_range"]
@@ -290,67 +289,27 @@ def expand_evidence(
     return out_ids, out_labels
 
 
-def render_temporal_text(
-    tokenizer: PreTrainedTokenizerBase,
-    ids: Sequence[int],
-    first_id: int,
-    num_bins: int,
-    duration_s: float,
-) -> tuple[str, TemporalParse]:
-    """A GVL response as text in D2VLM's surface form (:func:`~d2vlm_ray.model.tokenizer.detokenize`).
+def collapse_to_evidence(
+    ids: Sequence[int], evi_id: int, first_id: int, num_bins: int, duration_s: float
+) -> tuple[list[int], TemporalParse]:
+    """Write each well-formed temporal pair of generated ids as one ``<evi>`` (the inverse of
+    :func:`expand_evidence`), so D2VLM's :func:`~d2vlm_ray.model.tokenizer.detokenize`, the
+    parsers and the serving payloads read GVL output as they read D2VLM's.
 
-    The whole sequence is decoded once (special tokens kept) and stripped; each well-formed
-    marker pair becomes ``"s - e "`` (what the official parsers read), any other marker
-    ``"t "``; a trailing end-of-turn token is cut and the rest stripped. Only whitespace
-    between the two markers of a pair is dropped (it is the decoder's token spacing);
-    other text there follows the span.
+    The ``<evi>`` takes the pair's start position and the end marker is dropped; ids between
+    the two markers stay, after the ``<evi>``. A malformed marker (see the module rule) keeps
+    its raw id, so the text shows it verbatim (``<37>``), and it gives no span.
 
     Returns:
-        The text, and the parse of the temporal ids.
+        The ids with one ``<evi>`` per span, and the parse (spans in ``<evi>`` order, problems).
 
     Raises:
-        ValueError: On a bad ``duration_s``/``num_bins``, or if a temporal token's text is
-            not in the decode (a tokenizer that does not keep them verbatim).
+        ValueError: Only on a bad ``duration_s`` or ``num_bins``.
     """
     parse = parse_temporal_ids(ids, first_id, num_bins, duration_s)
-    values = [i - first_id for i in ids if first_id <= i <= first_id + num_bins]
-    decoded = tokenizer.decode(list(ids), skip_special_tokens=False).strip()
-    # Locate each temporal token's text in order; searching from the previous match keeps
-    # the i-th match tied to the i-th temporal id. Ordinary tokens that spell "<k>" before
-    # the real token would be taken for it; the two are indistinguishable in the decode.
-    where: list[tuple[int, int]] = []
-    cursor = 0
-    for value in values:
-        at = decoded.find(f"<{value}>", cursor)
-        if at < 0:
-            raise ValueError(f"ids: temporal token <{value}> is missing from the decoded text")
-        cursor = at + len(f"<{value}>")
-        where.append((at, cursor))
-    pairs, _ = _pair_markers(values, num_bins)
-    pair_end = dict(pairs)
-    parts: list[str] = []
-    prev = 0
-    pos = 0
-    while pos < len(values):
-        start_char, stop_char = where[pos]
-        parts.append(decoded[prev:start_char])
-        if pos in pair_end:
-            end_pos = pair_end[pos]
-            span_s = (
-                bin_to_time(values[pos], duration_s, num_bins),
-                bin_to_time(values[end_pos], duration_s, num_bins),
-            )
-            between = decoded[stop_char : where[end_pos][0]].strip()
-            parts.append(format_span(span_s) + " " + (between + " " if between else ""))
-            prev = where[end_pos][1]
-            pos = end_pos + 1
-        else:
-            parts.append(format_time_s(bin_to_time(values[pos], duration_s, num_bins)) + " ")
-            prev = stop_char
-            pos += 1
-    parts.append(decoded[prev:])
-    text = "".join(parts)
-    end = chat_template(tokenizer).end
-    if text.endswith(end):
-        text = text[: -len(end)].strip()
-    return text, parse
+    markers = [pos for pos, tid in enumerate(ids) if first_id <= tid <= first_id + num_bins]  # positions in ids
+    pairs, _ = _pair_markers([ids[pos] - first_id for pos in markers], num_bins)
+    starts = {markers[a] for a, _ in pairs}
+    ends = {markers[b] for _, b in pairs}
+    out = [evi_id if pos in starts else tid for pos, tid in enumerate(ids) if pos not in ends]
+    return out, parse
