@@ -6,6 +6,14 @@ The rounding is half-up (``floor(x + 0.5)``), not Python's banker's ``round``, s
 exactly between two bins always goes to the later one; the round trip is then within
 ``d / (2M)`` for every ``t_s`` in ``[0, d]``.
 
+The official Grounded-VideoLLM code differs in one place, checked against its source
+(WHB139426/Grounded-Video-LLM, ``datasets/mix_sft.py``, ``inference.py``): it *encodes*
+training times by truncation, ``min(int(M · t / d), M)``, and decodes ``<k>`` as ``d · k / M``
+like :func:`bin_to_time`. So an official checkpoint's output reads back to the same seconds
+here, but its spans sit on average half a bin (``d / 2M``) early, since every training time was
+moved down to its bin's start; this project rounds, as the issue specifies, so its own
+round trip is unbiased and within ``d / (2M)``, where truncation's is within ``d / M``.
+
 Parsing rule (text, ids and plain bins alike). Malformed output is a typed
 :class:`TemporalParse` with :class:`TemporalProblem` entries, never an exception:
 
