@@ -221,7 +221,7 @@ def build_frame_encoder(
 ) -> VisionFrameEncoder | TwoStreamFrameEncoder:
     """The model's frozen encoder as a :class:`d2vlm_ray.types.FrameEncoder`: the vision tower
     (D2VLM), or both streams (Grounded-VideoLLM), whose output the feature cache stores."""
-    if getattr(model, "family", "d2vlm") == "grounded_videollm":
+    if model.family == "grounded_videollm":
         return TwoStreamFrameEncoder(model.vision, chunk_frames)
     return VisionFrameEncoder(model.vision, image_size, chunk_frames)
 

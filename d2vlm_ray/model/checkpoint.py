@@ -269,6 +269,23 @@ def official_model_config(
     return from_dict(ModelConfig, data)
 
 
+def checkpoint_family(ckpt_dir: str | Path) -> str:
+    """The model family a checkpoint directory holds, from its ``config.json`` alone (no weights
+    read): its ``model.family`` (``d2vlm`` for checkpoints written before families existed,
+    and for official D2VLM releases).
+
+    Raises:
+        FileNotFoundError: If the directory has no ``config.json``.
+    """
+    cfg_path = Path(ckpt_dir) / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(ckpt_dir)!r}: no {CONFIG_NAME}")
+    meta = json.loads(cfg_path.read_text())
+    if meta.get("format") != FORMAT:
+        return "d2vlm"
+    return str(meta["model"].get("family", "d2vlm"))
+
+
 def _saved_model_config(meta: dict[str, Any]) -> ModelConfig:
     """The :class:`ModelConfig` of a project checkpoint's ``config.json``, retired keys dropped."""
     data = {k: v for k, v in meta["model"].items() if k not in _RETIRED_MODEL_KEYS}

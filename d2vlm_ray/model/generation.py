@@ -255,7 +255,7 @@ def stop_ids_of(tokenizer, ids: TokenIds) -> set[int]:
 
 def _is_gvl(model: object) -> bool:
     """Whether ``model`` is of the Grounded-VideoLLM family, which decodes in :mod:`d2vlm_ray.model.gvl_generation`."""
-    return getattr(model, "family", "d2vlm") == "grounded_videollm"
+    return model.family == "grounded_videollm"
 
 
 def generate(model: D2VLM, tokenizer, batch: D2VLMBatch, settings: DecodeSettings) -> list[GenerationResult]:

@@ -44,7 +44,7 @@ from d2vlm_ray.cache import (
 from d2vlm_ray.config.schema import DecodeSettings, ModelConfig
 from d2vlm_ray.data.video import VideoDecodeError
 from d2vlm_ray.model.builders import Tokenizers
-from d2vlm_ray.model.checkpoint import CONFIG_NAME, FORMAT, from_pretrained, load_frame_encoder
+from d2vlm_ray.model.checkpoint import CONFIG_NAME, FORMAT, checkpoint_family, from_pretrained, load_frame_encoder
 from d2vlm_ray.model.d2vlm import D2VLM
 from d2vlm_ray.model.generation import GenerationResult, answer, decode, ground, prefill
 from d2vlm_ray.model.grounding import span_idx_to_s
@@ -343,11 +343,10 @@ def load_llm_tokenizer_for(ckpt_dir: str | Path) -> tuple[Any, str, str]:
     """
     ckpt_dir = Path(ckpt_dir)
     meta = json.loads((ckpt_dir / CONFIG_NAME).read_text())
+    family = checkpoint_family(ckpt_dir)
     if meta.get("format") == FORMAT:
-        model = meta.get("model", {})
-        tokenizer = load_llm_tokenizer(ckpt_dir / "tokenizer")
-        return tokenizer, str(model.get("preset", "")), str(model.get("family", "d2vlm"))
-    return load_llm_tokenizer(ckpt_dir), "phi3-mini", "d2vlm"
+        return load_llm_tokenizer(ckpt_dir / "tokenizer"), str(meta.get("model", {}).get("preset", "")), family
+    return load_llm_tokenizer(ckpt_dir), "phi3-mini", family
 
 
 @dataclass
@@ -546,7 +545,7 @@ class AnsweringService(_ModelService):
             settings.validate()
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
-        if getattr(self.model, "family", "d2vlm") != "d2vlm":
+        if self.model.family != "d2vlm":
             yield from self._stream_whole(grounding, settings)
             return
         tok = self.tokenizers

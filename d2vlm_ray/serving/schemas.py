@@ -25,6 +25,12 @@ def _limit(info: ValidationInfo, name: str) -> Any:
     return (info.context or {}).get(name)
 
 
+OUTPUT_WARNINGS_DOC = (
+    "What the model's output got wrong that its spans do not show, e.g. a Grounded-VideoLLM "
+    "temporal token that formed no span; empty when well formed."
+)
+
+
 class DecodeOptions(BaseModel):
     """Per-request decoding options; unset bounds take the server's defaults."""
 
@@ -162,13 +168,7 @@ class GroundResponse(BaseModel):
         default_factory=list,
         description="What decoding the video lost or doubted (frames that failed, suspect metadata); empty when clean.",
     )
-    output_warnings: list[str] = Field(
-        default_factory=list,
-        description=(
-            "What the model's output got wrong that its spans do not show, e.g. a Grounded-VideoLLM "
-            "temporal token that formed no span; empty when well formed."
-        ),
-    )
+    output_warnings: list[str] = Field(default_factory=list, description=OUTPUT_WARNINGS_DOC)
     missing_timestamps_s: list[float] = Field(
         default_factory=list, description="Presentation times of sampled frames that could not be decoded."
     )
@@ -196,13 +196,7 @@ class AnswerResponse(BaseModel):
         default_factory=list,
         description="What decoding the video lost or doubted (frames that failed, suspect metadata); empty when clean.",
     )
-    output_warnings: list[str] = Field(
-        default_factory=list,
-        description=(
-            "What the model's output got wrong that its spans do not show, e.g. a Grounded-VideoLLM "
-            "temporal token that formed no span; empty when well formed."
-        ),
-    )
+    output_warnings: list[str] = Field(default_factory=list, description=OUTPUT_WARNINGS_DOC)
     missing_timestamps_s: list[float] = Field(
         default_factory=list, description="Presentation times of sampled frames that could not be decoded."
     )

@@ -70,7 +70,7 @@ class FPOObjective(nn.Module):
 
     def __init__(self, model: D2VLM, loss: LossSettings, reference: D2VLM | None = None) -> None:
         super().__init__()
-        if getattr(model, "family", "d2vlm") != "d2vlm":
+        if model.family != "d2vlm":
             raise ValueError(f"stage fpo: FPO is defined for the d2vlm family only; this model is {model.family!r}")
         if loss.variant == "dpo" and reference is None:
             raise ValueError("loss.variant 'dpo' needs a reference model")
@@ -118,10 +118,9 @@ def check_fpo_family(model_dir: str | Path) -> None:
     Raises:
         ValueError: Naming the family.
     """
-    import json
+    from d2vlm_ray.model.checkpoint import checkpoint_family
 
-    meta = json.loads((Path(model_dir) / "config.json").read_text())
-    family = meta.get("model", {}).get("family", "d2vlm") if isinstance(meta.get("model"), dict) else "d2vlm"
+    family = checkpoint_family(model_dir)
     if family != "d2vlm":
         raise ValueError(f"stage fpo: FPO is defined for the d2vlm family only; {str(model_dir)!r} is {family!r}")
 
