@@ -252,3 +252,18 @@ def test_render_keeps_text_between_pair_markers(tok_with_bins) -> None:
     assert text == detokenize(tok, [evi, red, end], [(1.0, 4.0)])
     assert text.startswith(format_span((1.0, 4.0))) and text.endswith("red")
     assert parse.bins == [(1, 4)]
+
+
+def test_decoding_agrees_with_the_official_parser_and_encoding_is_within_one_bin_of_its_training() -> None:
+    """The official code (WHB139426/Grounded-Video-LLM) reads ``<k>`` as ``duration * k / M``
+    (inference.py) and writes training times as ``min(int(M * t / d), M)`` (datasets/mix_sft.py);
+    the project rounds instead, so it lands on the official bin or the next one."""
+    rng = random.Random(1)
+    for _ in range(2000):
+        num_bins = rng.choice([50, 100, 300])
+        duration_s = rng.uniform(1.0, 600.0)
+        t_s = rng.uniform(0.0, duration_s)
+        official_bin = min(int(num_bins * t_s / duration_s), num_bins)
+        assert time_to_bin(t_s, duration_s, num_bins) - official_bin in (0, 1)
+        k = rng.randint(0, num_bins)
+        assert bin_to_time(k, duration_s, num_bins) == pytest.approx(duration_s * k / num_bins, rel=1e-12)
