@@ -99,8 +99,9 @@ _TINY: dict[str, Any] = {
 # ``d2vlm-ray import-backbone`` (weights dirs are filled by the caller, see
 # :func:`backbone_overrides`). The Q-Former has no pretrained source at this width, so it
 # is small, random and trained whole (``full_compressor``). Unlike the official layout,
-# ``<evi>`` carries the frame tokens themselves (inject_layer_idx 0) and the heads read the
-# final-norm output (ground_layer_idx = L): SmolLM2's middle layers carry massive
+# ``<evi>`` carries the frame tokens themselves (inject_layer_idx 0), the evidence head reads the
+# final-norm output (ground_layer_idx = L) and the frame head the frame tokens (key_layer_idx 0,
+# see ``ModelConfig.key_layer_idx``): SmolLM2's middle layers carry massive
 # activations (layer 6: token norm ~140, one dimension ~750; layer 29: norm ~930, one
 # dimension up to ~10^4) against token embeddings of norm ~3, so an injected layer-6 mean
 # swamped the ``<evi>`` embedding. Only the added tokens' rows of the embeddings and output
@@ -145,6 +146,7 @@ _REAL_SMALL: dict[str, Any] = {
     "tokenizer_dir": "",
     "inject_layer_idx": 0,
     "ground_layer_idx": 30,
+    "key_layer_idx": 0,
     "lora": {
         "r": 16,
         "alpha": 32,

@@ -259,6 +259,14 @@ class ModelConfig:
         ground_layer_idx: ``hidden_states`` index the grounding heads read (official
             ``num_layers - 1``, the input of the last block; ``num_layers`` = the output of the
             final norm).
+        key_layer_idx: ``hidden_states`` index of the frame states the frame head reads
+            (None = ``ground_layer_idx``, the official layout: queries and keys from one
+            layer). A pretrained LLM's late frame states can carry little of what tells two
+            scenes apart: on SmolLM2-135M with EfficientNet-Lite0 frames, heads fitted on
+            frozen states placed the top frame inside the right clip for 0.94 of the held-out
+            montage queries about clips seen in training with keys from layer 0 (the frame
+            tokens) after 800 updates, and for 0.25 with keys from the final norm, which is
+            why ``real-small`` reads its keys at 0 and its queries at the final norm.
         alpha: Base of the soft grounding targets ``alpha ** -distance`` (official 2). The
             model's constant, saved with the checkpoint (the official config carries it
             too): the SFT and FPO losses and preference evaluation all read it from here.
@@ -279,6 +287,7 @@ class ModelConfig:
     tokenizer_dir: str = ""
     inject_layer_idx: int = 6
     ground_layer_idx: int = 31
+    key_layer_idx: int | None = None
     alpha: float = 2.0
     span_threshold: float = 0.6
     bidirectional_frames: bool = True
@@ -324,6 +333,11 @@ class ModelConfig:
                 "model: need 0 <= inject_layer_idx < ground_layer_idx <= llm.num_layers, got "
                 f"inject_layer_idx={self.inject_layer_idx}, ground_layer_idx={self.ground_layer_idx}, "
                 f"llm.num_layers={self.llm.num_layers}"
+            )
+        if self.key_layer_idx is not None and not 0 <= self.key_layer_idx <= self.llm.num_layers:
+            raise ValueError(
+                f"model.key_layer_idx: need 0 <= key_layer_idx <= llm.num_layers ({self.llm.num_layers}) or null, "
+                f"got {self.key_layer_idx}"
             )
         if self.vision.image_size % self.vision.patch_size:
             raise ValueError("model.vision: image_size must be a multiple of patch_size")

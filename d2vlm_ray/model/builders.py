@@ -157,6 +157,7 @@ def build_d2vlm(
         evi_token_id=evi_token_id,
         inject_layer_idx=cfg.inject_layer_idx,
         ground_layer_idx=cfg.ground_layer_idx,
+        key_layer_idx=cfg.key_layer_idx,
         bidirectional_frames=cfg.bidirectional_frames,
         evidence_injection=cfg.evidence_injection,
         alpha=cfg.alpha,

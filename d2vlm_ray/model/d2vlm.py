@@ -67,12 +67,14 @@ class PrefixResult:
         frame_tokens: Compressed frame tokens (LLM inputs), ``[F_i, D]`` each.
         frame_states: Layer-``inject_layer_idx`` frame states, ``[F_i, D]`` each.
         frame_keys: Grounding-head frame keys, ``[F_i, D]`` each.
+        key_states: Layer-``key_layer_idx`` frame states the frame head reads, ``[F_i, D]`` each.
     """
 
     state: LLMState
     frame_tokens: list[torch.Tensor]
     frame_states: list[torch.Tensor]
     frame_keys: list[torch.Tensor]
+    key_states: list[torch.Tensor]
 
 
 @dataclass
@@ -109,6 +111,21 @@ class D2VLMOutput:
     evidence_spans_idx: list[torch.Tensor]
 
 
+@dataclass
+class HeadInputs:
+    """What the two grounding heads read for one sample's response ``<evi>`` tokens.
+
+    Attributes:
+        query_states: Layer-``ground_layer_idx`` states before each ``<evi>``, ``[E, D]``.
+        key_states: Layer-``key_layer_idx`` frame states, ``[F, D]``.
+        spans_idx: Target span of each ``<evi>``, ``[E, 2]``.
+    """
+
+    query_states: torch.Tensor
+    key_states: torch.Tensor
+    spans_idx: torch.Tensor
+
+
 class D2VLM(LLMHost):
     """Temporally grounded video LLM with evidence tokens (D2VLM, ICCV 2025).
 
@@ -119,6 +136,8 @@ class D2VLM(LLMHost):
         evi_token_id: Id of ``<evi>``.
         inject_layer_idx: ``hidden_states`` index averaged into ``<evi>`` embeddings.
         ground_layer_idx: ``hidden_states`` index read by the grounding heads.
+        key_layer_idx: ``hidden_states`` index of the frame states the frame head reads
+            (None = ``ground_layer_idx``, the official layout).
         bidirectional_frames: Frame tokens attend to each other both ways.
         evidence_injection: Add event features to ``<evi>`` embeddings.
         alpha: Base of the soft grounding targets the losses score against.
@@ -138,6 +157,7 @@ class D2VLM(LLMHost):
         evi_token_id: int,
         inject_layer_idx: int,
         ground_layer_idx: int,
+        key_layer_idx: int | None = None,
         bidirectional_frames: bool = True,
         evidence_injection: bool = True,
         alpha: float = 2.0,
@@ -154,6 +174,7 @@ class D2VLM(LLMHost):
         self.evi_token_id = evi_token_id
         self.inject_layer_idx = inject_layer_idx
         self.ground_layer_idx = ground_layer_idx
+        self.key_layer_idx = ground_layer_idx if key_layer_idx is None else key_layer_idx
         self.bidirectional_frames = bidirectional_frames
         self.evidence_injection = evidence_injection
         self.alpha = alpha
@@ -247,10 +268,11 @@ class D2VLM(LLMHost):
             frame_count=counts,
         )
         _, hidden, state = self.run_llm(embeds, valid, empty, positions)
-        inject_h, ground_h = hidden[self.inject_layer_idx], hidden[self.ground_layer_idx]
+        inject_h, key_h = hidden[self.inject_layer_idx], hidden[self.key_layer_idx]
         frame_states = [inject_h[b, width - n :] for b, n in enumerate(counts.tolist())]
-        frame_keys = [self.frm_head(ground_h[b, width - n :]) for b, n in enumerate(counts.tolist())]
-        return PrefixResult(state, frame_tokens, frame_states, frame_keys)
+        key_states = [key_h[b, width - n :] for b, n in enumerate(counts.tolist())]
+        frame_keys = [self.frm_head(k) for k in key_states]
+        return PrefixResult(state, frame_tokens, frame_states, frame_keys, key_states)
 
     def evidence_vector(self, frame_states: torch.Tensor, span_idx: SpanIdx) -> torch.Tensor:
         """Mean of ``frame_states`` over the closed span, ``[D]``; the span is clamped to the video."""
@@ -318,9 +340,7 @@ class D2VLM(LLMHost):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Evidence queries and grounding logits of one sequence's response ``<evi>`` tokens.
 
-        The query of each ``<evi>`` is read at the position *before* it, whose next-token
-        prediction is that ``<evi>`` (spec §2.1); question-side ``<evi>`` (before
-        ``prompt_len``) are not grounded.
+        Each query is read at the position before its ``<evi>`` (:meth:`_query_positions`).
 
         Args:
             suffix_ids: The sequence's suffix ids.
@@ -331,12 +351,11 @@ class D2VLM(LLMHost):
         Returns:
             Queries ``[E, D]`` and logits ``[E, F]``.
         """
-        query_pos = [p - 1 for p, t in enumerate(suffix_ids) if t == self.evi_token_id and p >= prompt_len]
-        queries = self.evi_head(ground_hidden[torch.tensor(query_pos, dtype=torch.long, device=ground_hidden.device)])
+        queries = self.evi_head(ground_hidden[self._query_positions(suffix_ids, prompt_len, ground_hidden.device)])
         return queries, self._score(queries, frame_keys)
 
-    def forward(self, batch: D2VLMBatch) -> D2VLMOutput:
-        """Teacher-forced forward over prompts and responses (training and scoring)."""
+    def _teacher_forced(self, batch: D2VLMBatch) -> tuple[PrefixResult, SuffixResult]:
+        """Prefix and suffix passes over prompts and responses, with ``<evi>`` injection."""
         if any(not labels for labels in batch.labels):
             raise ValueError("responses: the training forward needs a response for every sample")
         self.check_context(batch)
@@ -346,7 +365,39 @@ class D2VLM(LLMHost):
             batch.suffix_ids, batch.prompt_lens, batch.src_spans_idx, batch.evi_spans_idx, prefix, inject=True
         )
         suffix, _ = self.run_suffix(prefix.state, embeds, valid)
-        labels = torch.full(valid.shape, -100, dtype=torch.long, device=self.device)
+        return prefix, suffix
+
+    def _query_positions(self, suffix_ids: list[int], prompt_len: int, device: torch.device) -> torch.Tensor:
+        """Suffix positions whose states query the grounding head: the one *before* each response
+        ``<evi>`` (its next-token prediction is that ``<evi>``, spec §2.1); question-side ``<evi>``
+        (before ``prompt_len``) are not grounded."""
+        pos = [p - 1 for p, t in enumerate(suffix_ids) if t == self.evi_token_id and p >= prompt_len]
+        return torch.tensor(pos, dtype=torch.long, device=device)
+
+    def head_inputs(self, batch: D2VLMBatch) -> list[HeadInputs]:
+        """The grounding heads' inputs per sample, from a teacher-forced pass without gradients.
+
+        What a head-only fit (:mod:`d2vlm_ray.train.head_warmup`) trains on: with everything
+        but the heads frozen, the heads' inputs do not change, so one pass serves every update.
+        """
+        with torch.no_grad():
+            prefix, suffix = self._teacher_forced(batch)
+        out = []
+        for b in range(batch.size):
+            pos = self._query_positions(batch.suffix_ids[b], batch.prompt_lens[b], self.device)
+            out.append(
+                HeadInputs(
+                    query_states=suffix.ground_hidden[b, pos].float(),  # [E, D]
+                    key_states=prefix.key_states[b].float(),  # [F, D]
+                    spans_idx=torch.tensor(batch.evi_spans_idx[b], dtype=torch.long).reshape(-1, 2),
+                )
+            )
+        return out
+
+    def forward(self, batch: D2VLMBatch) -> D2VLMOutput:
+        """Teacher-forced forward over prompts and responses (training and scoring)."""
+        prefix, suffix = self._teacher_forced(batch)
+        labels = torch.full(suffix.valid.shape, -100, dtype=torch.long, device=self.device)
         ev_logits, ev_queries, ev_spans = [], [], []
         for b, row in enumerate(batch.labels):
             labels[b, : len(row)] = torch.tensor(row, dtype=torch.long, device=self.device)

@@ -189,6 +189,7 @@ def _fork_prefix(prefix: PrefixResult) -> PrefixResult:
         _interleave(prefix.frame_tokens),
         _interleave(prefix.frame_states),
         _interleave(prefix.frame_keys),
+        _interleave(prefix.key_states),
     )
 
 

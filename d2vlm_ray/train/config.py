@@ -193,6 +193,22 @@ class FaultSettings:
 
 
 @dataclass
+class HeadWarmupSettings:
+    """Fit the grounding heads alone on frozen states before SFT (:mod:`d2vlm_ray.train.head_warmup`).
+
+    Attributes:
+        steps: Head updates, one sample each (0 = off, the official recipe).
+        lr: AdamW learning rate of the fit.
+        max_samples: Most distinct training samples with response evidence whose states
+            are collected, split over the workers (one forward pass each, no backward).
+    """
+
+    steps: int = 0
+    lr: float = 1e-3
+    max_samples: int = 256
+
+
+@dataclass
 class TrainJobConfig:
     """Fields shared by the SFT and FPO jobs.
 
@@ -296,9 +312,21 @@ class TrainJobConfig:
 
 @dataclass
 class SFTJobConfig(TrainJobConfig):
-    """The SFT job (``python -m jobs.sft``): evidence-token SFT from a base checkpoint."""
+    """The SFT job (``python -m jobs.sft``): evidence-token SFT from a base checkpoint.
+
+    Attributes:
+        head_warmup: Optional head-only fit before the first SFT step.
+    """
 
     name: str = "sft"
+    head_warmup: HeadWarmupSettings = field(default_factory=HeadWarmupSettings)
+
+    def validate(self) -> None:
+        """As for the shared fields, plus the head warm-up."""
+        super().validate()
+        w = self.head_warmup
+        if w.steps < 0 or w.max_samples < 1 or w.lr <= 0:
+            raise ConfigError("head_warmup: need steps >= 0, max_samples >= 1 and lr > 0")
 
 
 @dataclass

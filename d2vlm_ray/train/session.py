@@ -9,6 +9,7 @@ and runs the same loop in this process (tests, debugging, the plain-PyTorch base
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -40,6 +41,7 @@ from d2vlm_ray.train.data import (
     records_from_rows,
     TrainingFeatures,
 )
+from d2vlm_ray.train.head_warmup import warm_up_heads
 from d2vlm_ray.train.evaluation import grounding_eval, preference_stats, select_eval_records
 from d2vlm_ray.train.loop import Engine, LoopPlan, TrainerState, plan_total_steps, warmup_steps
 from d2vlm_ray.train.objectives import FPOObjective, SFTObjective, load_model
@@ -225,6 +227,25 @@ class Session:
             vision_state=self.vision_state,
         )
 
+    def warm_up_heads(self, run_dir: Path, rank: int) -> dict[str, Any] | None:
+        """The SFT config's head-only fit (:mod:`~d2vlm_ray.train.head_warmup`) on this rank's items.
+
+        Call it before the engine exists and only on a fresh run: a resumed run's heads come
+        from its checkpoint. Rank 0 writes the report to ``<run dir>/head_warmup.json``.
+
+        Returns:
+            The report as a dict, or None when the config asks for no warm-up.
+        """
+        w = getattr(self.cfg, "head_warmup", None)
+        if self.stage != "sft" or w is None or w.steps == 0:
+            return None
+        report = warm_up_heads(
+            self.model, self.collate, self.items, steps=w.steps, lr=w.lr, max_samples=w.max_samples, seed=self.cfg.seed
+        )
+        if rank == 0:
+            (run_dir / "head_warmup.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        return report.to_dict()
+
     def save_fn(self, engine: Engine, rank: int) -> Callable[[Path, TrainerState], None]:
         """The loop's checkpoint writer for ``engine`` on ``rank``."""
 
@@ -319,13 +340,15 @@ def run_local(cfg: TrainJobConfig, stage: str) -> dict[str, Any]:
     cfg = replace(cfg, init_from=str(init_dir))
     dump_config(cfg, run_dir)
     session = build_session(cfg, stage, local_rows(cfg, stage), init_dir=init_dir)
+    existing = sorted((run_dir / "checkpoints").glob("step_*"))
+    if not existing:
+        session.warm_up_heads(run_dir, rank=0)
     optimizer = build_optimizer(session.objective, cfg.optim)
     scheduler = build_scheduler(optimizer, session.total_steps(1), session.warmup(1))
     engine = TorchEngine(
         session.objective, optimizer, scheduler, grad_accum=cfg.optim.grad_accum, max_grad_norm=cfg.optim.max_grad_norm
     )
     start_step = 0
-    existing = sorted((run_dir / "checkpoints").glob("step_*"))
     reporter = LocalReporter(run_dir, num_to_keep=cfg.checkpoint.num_to_keep, log_every=cfg.log_every)
     if existing:
         state = restore_training_checkpoint(existing[-1], engine)

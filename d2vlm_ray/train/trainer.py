@@ -25,6 +25,7 @@ worker joins rows to the shared feature cache.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -180,6 +181,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     rows = list(ray.train.get_dataset_shard("train").iter_rows())
     session = build_session(cfg, stage, rows, init_dir=cfg.init_from, low_precision=cfg.scaling.use_gpu)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        session.warm_up_heads(run_dir, rank)
     optimizer = build_optimizer(session.objective, cfg.optim)
     scheduler = build_scheduler(optimizer, session.total_steps(world_size), session.warmup(world_size))
     engine, _, _, _ = deepspeed.initialize(
@@ -190,7 +194,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         dist_init_required=False,
     )
     start_step = 0
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             state = restore_training_checkpoint(ckpt_dir, engine)
@@ -281,6 +284,9 @@ def _train(cfg: TrainJobConfig, stage: str) -> dict[str, Any]:
         "fit_s": fit_s,
         "step_s": sum(step_s) / len(step_s) if step_s else 0.0,
     }
+    warmup_report = run_dir / "head_warmup.json"
+    if warmup_report.exists():
+        summary["head_warmup"] = json.loads(warmup_report.read_text())
     # Workers set live gauges while they train; Ray drops a finished worker's metrics, so the
     # driver records the run's history for the dashboard.
     rows = [steps[k] for k in sorted(steps)]
