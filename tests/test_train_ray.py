@@ -84,7 +84,12 @@ def _config(bench: dict[str, Any], name: str, **sections: dict[str, Any]) -> SFT
 def faulty_run(ray_cluster: None, bench: dict[str, Any]) -> dict[str, Any]:
     from d2vlm_ray.train.trainer import train_sft
 
-    cfg = _config(bench, "sft_faulty", fault={"max_failures": 1, "fail_at_step": 3})
+    cfg = _config(
+        bench,
+        "sft_faulty",
+        fault={"max_failures": 1, "fail_at_step": 3},
+        head_warmup={"steps": 20, "lr": 1e-2, "max_samples": 4},
+    )
     return train_sft(cfg)
 
 
@@ -129,6 +134,12 @@ def test_sft_two_workers_zero2_trains_lora_heads_and_compressor(
     assert (run_dir / "train_metrics.csv").exists() and list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     evals = read_jsonl(run_dir / "eval_metrics.jsonl")
     assert evals and {"mIoU", "R@0.5"} <= set(evals[-1])
+    # The heads were warmed up before the first step: rank 0 collected its half of the 4
+    # drawn samples and made every one of the 20 updates, in step with rank 1.
+    warmup = faulty_run["head_warmup"]
+    assert warmup == json.loads((run_dir / "head_warmup.json").read_text())
+    assert (warmup["examples"], warmup["steps"]) == (2, 20)
+    assert warmup["loss_after"] < warmup["loss_before"]
     assert faulty_run["metrics"]["step"] == 4.0 and "eval_mIoU" in faulty_run["metrics"]
 
 

@@ -79,6 +79,11 @@ class OptimSettings:
             they are trained; 0 = ``lr`` (official). A pretrained LLM whose new parts (Q-Former,
             heads) need a large ``lr`` keeps its vocabulary at a fine-tuning rate here: every
             output-head row gets a gradient on every step.
+        compressor_lr: Learning rate of the Q-Former compressor's trained weights; 0 = ``lr``
+            (official). After a head warm-up (``head_warmup``) the heads start fitted to the
+            features the compressor and LoRA produce; fine-tuning those features at the
+            heads' rate undid the fit in ``real-small`` (LP-FT: fine-tune the features slower
+            than the probe).
         weight_decay: AdamW weight decay (official 0).
         betas: AdamW ``(beta1, beta2)``.
         eps: AdamW epsilon.
@@ -94,6 +99,7 @@ class OptimSettings:
     lr: float = 2e-5
     lora_lr: float = 5e-5
     embedding_lr: float = 0.0
+    compressor_lr: float = 0.0
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -278,8 +284,8 @@ class TrainJobConfig:
             raise ConfigError(f"optim.betas: expected two values in [0, 1), got {o.betas!r}")
         if o.lr <= 0 or o.lora_lr <= 0:
             raise ConfigError("optim.lr and optim.lora_lr must be > 0")
-        if o.embedding_lr < 0:
-            raise ConfigError("optim.embedding_lr must be >= 0 (0 = optim.lr)")
+        if o.embedding_lr < 0 or o.compressor_lr < 0:
+            raise ConfigError("optim.embedding_lr and optim.compressor_lr must be >= 0 (0 = optim.lr)")
         if not 0.0 <= o.warmup_ratio < 1.0:
             raise ConfigError("optim.warmup_ratio must be in [0, 1)")
         if o.max_grad_norm < 0:

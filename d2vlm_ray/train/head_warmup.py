@@ -165,6 +165,9 @@ def fit_heads(model: Any, examples: Sequence[HeadInputs], *, steps: int, lr: flo
             "set head_warmup.steps to 0 or train on grounding tasks"
         )
     params = [p for head in (model.evi_head, model.frm_head) for p in head.parameters()]
+    for p in params:
+        # Zeros rather than None: a rank without examples still sends a gradient to average.
+        p.grad = torch.zeros_like(p)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = np.random.default_rng(seed)
     order: list[int] = []

@@ -144,15 +144,16 @@ def load_model(init_dir: str | Path, lora: LoraSettings) -> tuple[D2VLM, Tokeniz
 
 def param_groups(model: nn.Module, optim: OptimSettings) -> list[dict[str, Any]]:
     """AdamW groups: LoRA matrices at ``lora_lr``, the LLM's token embeddings and output
-    head at ``embedding_lr`` (``lr`` when 0), every other trainable at ``lr``.
+    head at ``embedding_lr``, the Q-Former compressor at ``compressor_lr`` (each ``lr``
+    when 0), every other trainable at ``lr``.
 
     The frozen frame encoder (and any frozen weight) is in no group. Group order is
-    lora, embedding, other: the training log reads the first and last group's rates.
+    lora, embedding, compressor, other: the training log reads the first and last group's rates.
 
     Raises:
         ValueError: If a frame-encoder parameter is trainable (the cache keys would lie).
     """
-    lora, embedding, other = [], [], []
+    lora, embedding, compressor, other = [], [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -163,14 +164,17 @@ def param_groups(model: nn.Module, optim: OptimSettings) -> list[dict[str, Any]]
             lora.append(param)
         elif group in ("embed", "lm_head") and optim.embedding_lr > 0:
             embedding.append(param)
+        elif group in ("qformer", "qformer_frozen") and optim.compressor_lr > 0:
+            compressor.append(param)
         else:
             other.append(param)
-    if not lora and not embedding and not other:
+    if not lora and not embedding and not compressor and not other:
         raise ValueError("no trainable parameters")
     groups = []
     for name, params, lr in (
         ("lora", lora, optim.lora_lr),
         ("embedding", embedding, optim.embedding_lr),
+        ("compressor", compressor, optim.compressor_lr),
         ("other", other, optim.lr),
     ):
         if params:
