@@ -688,6 +688,7 @@ def run(cfg: QuickstartConfig, preset: str) -> dict[str, Any]:
             "blank_frames": blank_metrics["R@0.5"],
         },
         "preference_accuracy": preference,
+        "head_warmup": sft.get("head_warmup"),
         "evidence_injection": {"with": models["sft_fpo"]["gqa_acc"], "without": _task_metrics(no_inject)["gqa_acc"]},
         "stage_seconds": stages.seconds,
         "total_seconds": round(sum(stages.seconds.values()), 1),
@@ -730,6 +731,12 @@ def print_summary(summary: dict[str, Any]) -> None:
         for group, m in groups.items():
             print(f"  {name} on {group} clips (tvg n={m['n_tvg']}): R@0.5 {_fmt(m['R@0.5'])}  mIoU {_fmt(m['mIoU'])}")
     print("\nbaselines (R@0.5): " + ", ".join(f"{k} {_fmt(v)}" for k, v in summary["baselines"].items()))
+    warm = summary.get("head_warmup")
+    if warm:
+        print(
+            f"head warm-up before SFT: {warm['steps']} updates on {warm['examples']} samples, top frame in span "
+            f"{warm['top_frame_in_span_before']:.2f} -> {warm['top_frame_in_span_after']:.2f} (training samples)"
+        )
     pref = summary["preference_accuracy"]
     print(f"held-out preference accuracy: SFT {pref['sft']:.3f}  SFT+FPO {pref['sft_fpo']:.3f}")
     inj = summary["evidence_injection"]

@@ -343,8 +343,9 @@ def test_real_small_preset_and_backbone_overrides() -> None:
     cfg = from_dict(ModelConfig, data)
     cfg.validate()
     assert (cfg.llm.family, cfg.vision.family, cfg.lora.tuning_mode) == ("llama", "efficientnet_lite", "full_compressor")
-    # Frame tokens are injected and the heads read the final-norm output (see the preset's comment).
-    assert (cfg.inject_layer_idx, cfg.ground_layer_idx) == (0, cfg.llm.num_layers)
+    # Frame tokens are injected, the evidence head reads the final-norm output and the frame
+    # head the frame tokens (see the preset's comment).
+    assert (cfg.inject_layer_idx, cfg.ground_layer_idx, cfg.key_layer_idx) == (0, cfg.llm.num_layers, 0)
     assert cfg.lora.vocab_rows == "new"
     assert cfg.llm.weights_dir == os.path.join("bb", "llm") and cfg.qformer.tokenizer_dir.endswith("qformer_tokenizer")
 

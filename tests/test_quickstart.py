@@ -77,6 +77,12 @@ def test_real_small_preset_is_a_valid_config_whose_training_keeps_its_lora_polic
         tc = _train_config(cfg, stage, tmp_path, str(tmp_path / "init"), {"train": "x.json"})
         assert tc.model.lora.vocab_rows == "new" and "q_proj" in tc.model.lora.target_modules
         assert tc.scaling.num_workers == 1 and tc.scaling.cpus_per_worker == 2.0
+        assert tc.optim.compressor_lr == cfg.compressor_lr > 0
+        # The head warm-up is SFT's: FPO starts from SFT's heads and has no such setting.
+        if stage == "sft":
+            assert (tc.head_warmup.steps, tc.head_warmup.max_samples) == (2000, 200)
+        else:
+            assert not hasattr(tc, "head_warmup")
 
 
 def test_real_small_without_clips_is_a_config_error(monkeypatch: pytest.MonkeyPatch, tmp_path, capsys) -> None:

@@ -175,6 +175,19 @@ def test_embedding_lr_puts_the_vocabulary_in_its_own_group(init_dir: Path) -> No
     assert not any("embed_tokens" in names[id(p)] or "lm_head" in names[id(p)] for p in groups[2]["params"])
 
 
+def test_compressor_lr_puts_the_q_former_in_its_own_group(init_dir: Path) -> None:
+    model, _, _ = load_model(init_dir, from_dict(ModelConfig, {"preset": "tiny"}).lora)
+    objective = SFTObjective(model, LossSettings())
+    groups = param_groups(objective, OptimSettings(lr=1e-3, lora_lr=3e-3, compressor_lr=1e-4))
+    assert [(g["name"], g["lr"]) for g in groups] == [("lora", 3e-3), ("compressor", 1e-4), ("other", 1e-3)]
+    names = {id(p): n for n, p in objective.named_parameters()}
+    compressor = {names[id(p)] for p in groups[1]["params"]}
+    assert compressor and all(n.startswith("model.compressor.") for n in compressor)
+    trained = {n for n, p in objective.named_parameters() if p.requires_grad and n.startswith("model.compressor.")}
+    assert compressor == trained, "every trained compressor weight, and only those"
+    assert any(names[id(p)].startswith("model.frm_head.") for p in groups[2]["params"])
+
+
 def _sft_loop(init_dir: Path, run_dir: Path, features: dict, *, fail_at_step: int = 0) -> tuple[Loop, TorchEngine]:
     lora = from_dict(ModelConfig, {"preset": "tiny"}).lora
     model, tokenizers, model_cfg = load_model(init_dir, lora)
