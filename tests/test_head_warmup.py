@@ -9,6 +9,7 @@ with identical heads, and that bad set-ups fail with a clear error.
 from __future__ import annotations
 
 import copy
+import json
 import socket
 from types import SimpleNamespace
 
@@ -21,7 +22,7 @@ from d2vlm_ray.config import ConfigError, from_dict
 from d2vlm_ray.losses.sft import grounding_bce
 from d2vlm_ray.model.inputs import build_batch
 from d2vlm_ray.train.config import FPOJobConfig, SFTJobConfig
-from d2vlm_ray.train.head_warmup import collect_head_inputs, fit_heads, warm_up_heads
+from d2vlm_ray.train.head_warmup import WarmupReport, collect_head_inputs, fit_heads, warm_up_heads
 from tests.helpers_model import encode, square_clip, tiny_model, tiny_tokenizers
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
@@ -135,6 +136,14 @@ def test_warm_up_collects_distinct_samples_with_evidence_and_reports() -> None:
     report = warm_up_heads(model, collate, items, steps=30, lr=3e-3, max_samples=10, seed=0)
     assert (report.examples, report.evidence, report.steps) == (3, 6, 30)
     assert report.loss_after < report.loss_before
+
+
+def test_report_of_a_rank_without_examples_is_strict_json() -> None:
+    nan = float("nan")
+    report = WarmupReport(0, 0, 10, nan, nan, nan, nan, 0.5, 0.1)
+    loaded = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert loaded["loss_before"] is None and loaded["top_frame_in_span_after"] is None
+    assert (loaded["steps"], loaded["collect_s"]) == (10, 0.5)
 
 
 def test_warm_up_errors_name_the_setting() -> None:

@@ -21,6 +21,7 @@ collects its own slice of the drawn samples and the head gradients are averaged 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -44,7 +45,7 @@ class WarmupReport:
         examples: Samples with response evidence whose states this rank collected.
         evidence: ``<evi>`` tokens among them.
         steps: Head updates made.
-        loss_before: Mean grounding BCE of the examples before the fit.
+        loss_before: Mean grounding BCE of the examples before the fit (NaN without examples).
         loss_after: The same after the fit.
         top_frame_in_span_before: Fraction of ``<evi>`` whose highest-scoring frame lies
             inside the target span, before the fit.
@@ -64,8 +65,8 @@ class WarmupReport:
     fit_s: float
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict for JSON."""
-        return asdict(self)
+        """Plain dict for JSON; the figures of a rank without examples are None."""
+        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(self).items()}
 
 
 def collect_head_inputs(
@@ -74,11 +75,11 @@ def collect_head_inputs(
     """This rank's share of up to ``max_samples`` distinct items that carry response evidence.
 
     Every rank sees every item (the SFT workers read all rows); each takes every
-    ``world_size``-th of the drawn items. Items are drawn in a seeded random order, so a capped collection still covers the whole
-    file (annotation files group the items of one video together); repeats of one item
-    (``data.task_repeats``) count once. Each runs alone through the model in eval mode (no
-    dropout, no gradients). An item whose response lost its ``<evi>`` tokens to the text
-    limit gives nothing.
+    ``world_size``-th of the drawn items. Items are drawn in a seeded random order, so a
+    capped collection still covers the whole file (annotation files group the items of one
+    video together); repeats of one item (``data.task_repeats``) count once. Each runs
+    alone through the model in eval mode (no dropout, no gradients). An item whose
+    response lost its ``<evi>`` tokens to the text limit gives nothing.
 
     Args:
         model: A :class:`~d2vlm_ray.model.d2vlm.D2VLM`.
