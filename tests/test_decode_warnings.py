@@ -168,6 +168,8 @@ def test_build_cache_rows_count_partial_and_fail_beyond_the_policy(
     refused = lookup_video(str(clips["ten"]), cache, **ids, max_missing_frames_fraction=0.05)
     assert (refused["status"], refused["stage"], refused["reason"]) == ("failed", "lookup", "partial_decode")
     assert "1 of 10" in refused["message"] and json.loads(refused["warnings_json"]) == listed_warnings(hit)
+    # At exactly the limit (1 of 10 under 0.1) the lookup keeps the entry, as the decode above did.
+    assert lookup_video(str(clips["ten"]), cache, **ids, max_missing_frames_fraction=0.1)["status"] == "cached"
     listed = failure_table_rows([row, over, hit])
     assert [(r["status"], r["reason"]) for r in listed] == [
         ("partial", "partial"), ("failed", "partial_decode"), ("partial", "partial")

@@ -384,7 +384,7 @@ def _rebuild(root: str, kwargs: dict[str, Any]) -> FeatureCache:
 def check_missing_fraction(feats: CachedFeatures, max_missing_frames_fraction: float, source: str) -> CachedFeatures:
     """Apply the partial-decode policy to features (fresh or read from the cache).
 
-    The same rule as :func:`d2vlm_ray.data.video.check_missing_frames`, for features
+    The rule of :func:`d2vlm_ray.data.video.check_missing_share`, for features
     whose frames are gone: an entry written under a looser policy (e.g. by a cache build
     with ``max_missing_frames_fraction: 1``) is refused by a stricter reader.
 
@@ -400,21 +400,9 @@ def check_missing_fraction(feats: CachedFeatures, max_missing_frames_fraction: f
         VideoDecodeError: ``partial_decode`` when more than the allowed share is missing.
         ValueError: If the limit is outside ``[0, 1]``.
     """
-    from d2vlm_ray.data.video import check_missing_frames
-    from d2vlm_ray.types import DecodedVideo
+    from d2vlm_ray.data.video import check_missing_share
 
-    # Only the counts and times matter to the policy; no frame is needed for the check.
-    shell = DecodedVideo(
-        frames=np.zeros((0, 0, 0, 3), dtype=np.uint8),
-        timestamps_s=np.asarray(feats.timestamps_s, dtype=np.float64),
-        duration_s=float(feats.duration_s),
-        source_fps=float(feats.source_fps),
-        width=0,
-        height=0,
-        warnings=list(feats.warnings),
-        missing_timestamps_s=list(feats.missing_timestamps_s),
-    )
-    check_missing_frames(shell, max_missing_frames_fraction, source)
+    check_missing_share(feats.missing_timestamps_s, feats.n_sampled, max_missing_frames_fraction, source)
     return feats
 
 

@@ -104,6 +104,7 @@ from __future__ import annotations
 import io
 import math
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -162,6 +163,7 @@ that opens other files or URLs named inside the input (HLS and DASH playlists,
 external data references stay off (FFmpeg's ``enable_drefs`` default)."""
 
 _TIME_EPS_S = 1e-6
+_FRACTION_EPS = 1e-6  # a share exactly at the limit passes despite float rounding
 # Frames converted to float at once when downscaling: bounds the float32 copy's memory.
 _RESIZE_CHUNK = 32
 
@@ -929,14 +931,42 @@ def _downscale(frames: np.ndarray, max_side: int) -> np.ndarray:
     return out
 
 
-def check_missing_frames(video: DecodedVideo, max_missing_frames_fraction: float, source: str) -> DecodedVideo:
-    """Enforce the partial-decode policy: too many lost frames is an error, not a warning.
+def check_missing_share(
+    missing_timestamps_s: Sequence[float], n_sampled: int, max_missing_frames_fraction: float, source: str
+) -> None:
+    """The partial-decode policy over counts: too many lost frames is an error, not a warning.
+
+    The one statement of the rule, for a fresh decode (:func:`check_missing_frames`),
+    features read back from a cache and a cache build's lookup of an existing entry, so
+    all three reach the same verdict on the same loss.
 
     Args:
-        video: A decoded video; its ``missing_timestamps_s`` lists the lost samples.
+        missing_timestamps_s: Presentation times of the sampled frames that were lost.
+        n_sampled: Frames the sampling rule asked for (kept plus lost).
         max_missing_frames_fraction: Largest share of sampled frames that may be missing
             (``0`` accepts only complete decodes, ``1`` accepts any partial decode).
         source: The path or URL, for the error.
+
+    Raises:
+        VideoDecodeError: ``partial_decode`` when more than the allowed share is missing.
+        ValueError: If the limit is outside ``[0, 1]``.
+    """
+    if not 0.0 <= max_missing_frames_fraction <= 1.0:
+        raise ValueError(f"max_missing_frames_fraction must be in [0, 1], got {max_missing_frames_fraction!r}")
+    n_missing = len(missing_timestamps_s)
+    if n_sampled and n_missing / n_sampled > max_missing_frames_fraction + _FRACTION_EPS:
+        lost = ", ".join(f"{t:.3f}" for t in missing_timestamps_s[:10])
+        more = "" if n_missing <= 10 else ", ..."
+        raise VideoDecodeError(
+            "partial_decode",
+            f"{n_missing} of {n_sampled} sampled frames could not be decoded "
+            f"(at {lost}{more} s), more than max_missing_frames_fraction={max_missing_frames_fraction}",
+            source,
+        )
+
+
+def check_missing_frames(video: DecodedVideo, max_missing_frames_fraction: float, source: str) -> DecodedVideo:
+    """Enforce the partial-decode policy (:func:`check_missing_share`) on a decoded video.
 
     Returns:
         ``video`` unchanged when the share is within the limit (its warnings still say
@@ -946,17 +976,7 @@ def check_missing_frames(video: DecodedVideo, max_missing_frames_fraction: float
         VideoDecodeError: ``partial_decode`` when more than the allowed share is missing.
         ValueError: If the limit is outside ``[0, 1]``.
     """
-    if not 0.0 <= max_missing_frames_fraction <= 1.0:
-        raise ValueError(f"max_missing_frames_fraction must be in [0, 1], got {max_missing_frames_fraction!r}")
-    if video.missing_fraction > max_missing_frames_fraction + _TIME_EPS_S:
-        lost = ", ".join(f"{t:.3f}" for t in video.missing_timestamps_s[:10])
-        more = "" if len(video.missing_timestamps_s) <= 10 else ", ..."
-        raise VideoDecodeError(
-            "partial_decode",
-            f"{len(video.missing_timestamps_s)} of {video.n_sampled} sampled frames could not be decoded "
-            f"(at {lost}{more} s), more than max_missing_frames_fraction={max_missing_frames_fraction}",
-            source,
-        )
+    check_missing_share(video.missing_timestamps_s, video.n_sampled, max_missing_frames_fraction, source)
     return video
 
 

@@ -69,7 +69,7 @@ from d2vlm_ray.cache import (
 from d2vlm_ray.cache.source import find_entry, find_sealed
 from d2vlm_ray.cache.features import encode_decoded, scrub_source
 from d2vlm_ray.config import ModelConfig, dump_config, from_dict
-from d2vlm_ray.data.video import VideoDecodeError
+from d2vlm_ray.data.video import VideoDecodeError, check_missing_share
 from d2vlm_ray.types import FrameEncoder
 
 logger = logging.getLogger(__name__)
@@ -298,13 +298,14 @@ def lookup_video(
             key, sidecar = sealed
             warnings = _warning_fields(sidecar.get("warnings") or [], sidecar.get("missing_timestamps_s") or [])
             n_encoded = int((sidecar.get("shape") or [0])[0])
-    n_missing = len(json.loads(warnings["missing_timestamps_json"]))
-    # The tolerance of check_missing_frames, so a hit and a fresh decode get the same verdict.
-    if cached and n_missing and n_missing / (n_encoded + n_missing) > max_missing_frames_fraction + 1e-6:
-        message = (f"the cached entry lacks {n_missing} of {n_encoded + n_missing} sampled frames, more than "
-                   f"max_missing_frames_fraction={max_missing_frames_fraction}")
-        failed = _failure(source, "lookup", "partial_decode", message)
-        return {**failed, "sha256": sha, "digest": key.digest(), "hash_s": time.perf_counter() - start, **warnings}
+    if cached:
+        # The rule a fresh decode meets, so a hit and a decode get the same verdict.
+        missing_s = json.loads(warnings["missing_timestamps_json"])
+        try:
+            check_missing_share(missing_s, n_encoded + len(missing_s), max_missing_frames_fraction, source)
+        except VideoDecodeError as exc:
+            failed = _failure(source, "lookup", exc.reason, f"the cached entry: {exc.message}")
+            return {**failed, "sha256": sha, "digest": key.digest(), "hash_s": time.perf_counter() - start, **warnings}
     return {
         "source": source,
         "status": "cached" if cached else "todo",
