@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import socket
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -171,7 +172,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_fit(rank: int, port: int, states: dict, rank1_examples: bool, out: dict) -> None:
+def _rank_fit(rank: int, port: int, states: dict, rank1_examples: bool, out_dir: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -181,20 +182,21 @@ def _rank_fit(rank: int, port: int, states: dict, rank1_examples: bool, out: dic
         model.load_state_dict(states["model"])
         examples = states["examples"] if rank == 0 or rank1_examples else []
         fit_heads(model, examples, steps=10, lr=3e-3, seed=0)
-        out[rank] = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("evi_head.", "frm_head."))}
+        heads = {k: v for k, v in model.state_dict().items() if k.startswith(("evi_head.", "frm_head."))}
+        torch.save(heads, Path(out_dir) / f"heads_{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("rank1_examples", [True, False], ids=["same-examples", "rank1-empty"])
-def test_two_ranks_end_with_identical_heads_from_averaged_gradients(rank1_examples: bool) -> None:
+def test_two_ranks_end_with_identical_heads_from_averaged_gradients(rank1_examples: bool, tmp_path: Path) -> None:
     model = tiny_model(seed=0)
     examples = model.head_inputs(_batch(model, range(2)))
     states = {"model": copy.deepcopy(model.state_dict()), "examples": examples}
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_rank_fit, args=(_free_port(), states, rank1_examples, out), nprocs=2, join=True)
-        heads = dict(out)
+    # Ranks start by spawn and hand their heads back through files: nothing here forks the
+    # test process, which may hold a Ray driver's gRPC threads (a fork there is unsafe).
+    mp.spawn(_rank_fit, args=(_free_port(), states, rank1_examples, str(tmp_path)), nprocs=2, join=True)
+    heads = [torch.load(tmp_path / f"heads_{rank}.pt") for rank in range(2)]
     for name, value in heads[0].items():
         torch.testing.assert_close(value, heads[1][name], rtol=0, atol=0)
     assert any(not torch.equal(value, states["model"][name]) for name, value in heads[0].items())
