@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -20,8 +24,9 @@ class _FakeRay:
     def is_initialized(self) -> bool:
         return bool(self.calls)
 
-    def init(self, **kwargs: Any) -> None:
+    def init(self, **kwargs: Any) -> SimpleNamespace:
         self.calls.append(kwargs)
+        return SimpleNamespace(dashboard_url="127.0.0.1:8265" if kwargs.get("include_dashboard") else "")
 
 
 @pytest.fixture
@@ -66,9 +71,9 @@ def test_ensure_ray_starts_locally_with_cpus_and_env_defaults(
     monkeypatch.delenv("D2VLM_TEST_ONLY", raising=False)
     monkeypatch.setenv("D2VLM_TEST_SET", "kept")
     ensure_ray(3, log_to_driver=False, env={"D2VLM_TEST_ONLY": "1", "D2VLM_TEST_SET": "overridden"})
-    assert fake_ray.calls == [{"num_cpus": 3, "include_dashboard": False, "log_to_driver": False}]
-    import os
-
+    assert fake_ray.calls == [
+        {"num_cpus": 3, "include_dashboard": True, "dashboard_host": "127.0.0.1", "log_to_driver": False}
+    ]
     assert os.environ["D2VLM_TEST_ONLY"] == "1"
     assert os.environ["D2VLM_TEST_SET"] == "kept"
 
@@ -84,3 +89,39 @@ def test_synth_pairs_job_under_ray_job_submit(
     config = ROOT / "jobs" / "configs" / "synth_pairs_tiny.yaml"
     assert job.main(["--config", str(config), f"out_dir={tmp_path / 'pairs'}"]) == 0
     assert fake_ray.calls == [{"log_to_driver": True}]
+
+
+_STATE_PROBE = """
+import sys
+import ray
+from d2vlm_ray.pipelines.runtime import ensure_ray
+
+ensure_ray(1, dashboard=sys.argv[1] == "on")
+
+
+@ray.remote(num_cpus=0)
+class Probe:
+    def state_of(self, actor_id):
+        # What Ray Train's placement-group cleaner asks, from inside the cluster, every second.
+        from ray.util.state import get_actor
+
+        try:
+            return get_actor(actor_id, address=ray.get_runtime_context().gcs_address, timeout=20).state
+        except Exception as exc:
+            return type(exc).__name__
+
+
+first, second = Probe.remote(), Probe.remote()
+print("STATE", ray.get(second.state_of.remote(first._actor_id.hex())))
+"""
+
+
+@pytest.mark.parametrize(("dashboard", "answer"), [("on", "ALIVE"), ("off", "ServerUnavailable")])
+def test_a_local_ray_serves_the_state_api_ray_train_polls(dashboard: str, answer: str, tmp_path: Path) -> None:
+    """Without the dashboard the state API is down: Ray Train's cleaner then warned once a second."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"}
+    out = subprocess.run(
+        [sys.executable, "-c", _STATE_PROBE, dashboard],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180,
+    )
+    assert f"STATE {answer}" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]

@@ -258,7 +258,7 @@ def run(cfg: Config) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="pipeline-", dir=cfg.work_dir)).resolve()
     started_ray = False
     try:
-        started_ray = ensure_ray(cfg.cores, log_to_driver=False)
+        started_ray = ensure_ray(cfg.cores, log_to_driver=False, dashboard=False)
         model_cfg = from_dict(ModelConfig, {"preset": "tiny", "vision": ENCODERS[cfg.encoder]})
         ckpt = str(init_checkpoint(model_cfg, work / "checkpoint", seed=cfg.seed))
         manifest = work / "videos.txt"

@@ -293,7 +293,7 @@ def run(cfg: Config) -> dict[str, Any]:
     app_name = f"d2vlm-bench-{work.name}"
     started_ray = deployed = False
     try:
-        started_ray = ensure_ray(cfg.cores, log_to_driver=False)
+        started_ray = ensure_ray(cfg.cores, log_to_driver=False, dashboard=False)
         ckpt = init_checkpoint(from_dict(ModelConfig, {"preset": "tiny"}), work / "checkpoint", seed=cfg.seed)
         args = {
             "checkpoint_dir": str(ckpt),

@@ -274,7 +274,7 @@ def _run_plain(job: Any, threads: int) -> Path:
 def _ensure_ray(cfg: Config) -> None:
     from d2vlm_ray.pipelines.runtime import ensure_ray
 
-    ensure_ray(cfg.ray_num_cpus, log_to_driver=False, env=_LOCAL_RAY_ENV)
+    ensure_ray(cfg.ray_num_cpus, log_to_driver=False, env=_LOCAL_RAY_ENV, dashboard=False)
 
 
 def _run_ray(job: Any) -> Path:
