@@ -24,6 +24,7 @@ from d2vlm_ray.losses.sft import grounding_bce
 from d2vlm_ray.model.inputs import build_batch
 from d2vlm_ray.train.config import FPOJobConfig, SFTJobConfig
 from d2vlm_ray.train.head_warmup import WarmupReport, collect_head_inputs, fit_heads, warm_up_heads
+from d2vlm_ray.train.session import Session
 from tests.helpers_model import encode, square_clip, tiny_model, tiny_tokenizers
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
@@ -145,6 +146,17 @@ def test_report_of_a_rank_without_examples_is_strict_json() -> None:
     loaded = json.loads(json.dumps(report.to_dict(), allow_nan=False))
     assert loaded["loss_before"] is None and loaded["top_frame_in_span_after"] is None
     assert (loaded["steps"], loaded["collect_s"]) == (10, 0.5)
+
+
+def test_a_fresh_run_without_warm_up_removes_an_earlier_report(tmp_path: Path) -> None:
+    stale = tmp_path / "head_warmup.json"
+    stale.write_text('{"steps": 2000}')
+    cfg = from_dict(SFTJobConfig, {"data": {"train": "x.json"}})
+    # The warm-up step of a session whose config asks for none; nothing else of it is used.
+    session = SimpleNamespace(cfg=cfg, stage="sft")
+    assert Session.warm_up_heads(session, tmp_path, rank=1) is None and stale.exists(), "only rank 0 owns it"
+    assert Session.warm_up_heads(session, tmp_path, rank=0) is None
+    assert not stale.exists()
 
 
 def test_warm_up_errors_name_the_setting() -> None:

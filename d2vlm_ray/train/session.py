@@ -236,6 +236,10 @@ class Session:
         Returns:
             The report as a dict, or None when the config asks for no warm-up.
         """
+        if rank == 0:
+            # A fresh run owns the report's name: one left by an earlier attempt in this
+            # directory would otherwise be read back as this run's warm-up.
+            (run_dir / "head_warmup.json").unlink(missing_ok=True)
         w = getattr(self.cfg, "head_warmup", None)
         if self.stage != "sft" or w is None or w.steps == 0:
             return None
