@@ -105,13 +105,22 @@ class Probe:
         # What Ray Train's placement-group cleaner asks, from inside the cluster, every second.
         from ray.util.state import get_actor
 
-        try:
-            return get_actor(actor_id, address=ray.get_runtime_context().gcs_address, timeout=20).state
-        except Exception as exc:
-            return type(exc).__name__
+        import time
+
+        # The GCS may publish the actor's state a moment after it is ready on a loaded machine.
+        deadline = time.time() + 30
+        while True:
+            try:
+                state = get_actor(actor_id, address=ray.get_runtime_context().gcs_address, timeout=20).state
+            except Exception as exc:
+                return type(exc).__name__
+            if state == "ALIVE" or time.time() > deadline:
+                return state
+            time.sleep(0.5)
 
 
 first, second = Probe.remote(), Probe.remote()
+ray.get(first.__ray_ready__.remote())  # alive before it is asked about, not still being created
 print("STATE", ray.get(second.state_of.remote(first._actor_id.hex())))
 """
 
