@@ -26,7 +26,7 @@ class _FakeRay:
 
     def init(self, **kwargs: Any) -> SimpleNamespace:
         self.calls.append(kwargs)
-        return SimpleNamespace(dashboard_url="127.0.0.1:8265" if kwargs.get("include_dashboard") else "")
+        return SimpleNamespace(dashboard_url="" if kwargs.get("include_dashboard") is False else "127.0.0.1:8265")
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def test_ensure_ray_starts_locally_with_cpus_and_env_defaults(
     monkeypatch.setenv("D2VLM_TEST_SET", "kept")
     ensure_ray(3, log_to_driver=False, env={"D2VLM_TEST_ONLY": "1", "D2VLM_TEST_SET": "overridden"})
     assert fake_ray.calls == [
-        {"num_cpus": 3, "include_dashboard": True, "dashboard_host": "127.0.0.1", "log_to_driver": False}
+        {"num_cpus": 3, "include_dashboard": None, "dashboard_host": "127.0.0.1", "log_to_driver": False}
     ]
     assert os.environ["D2VLM_TEST_ONLY"] == "1"
     assert os.environ["D2VLM_TEST_SET"] == "kept"
@@ -134,3 +134,23 @@ def test_a_local_ray_serves_the_state_api_ray_train_polls(dashboard: str, answer
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180,
     )
     assert f"STATE {answer}" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+
+
+def test_a_dashboard_that_did_not_start_is_a_warning_not_a_failure(
+    fake_ray: _FakeRay, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from d2vlm_ray.pipelines.runtime import ensure_ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # What ray.init returns when its dashboard failed to start under include_dashboard=None.
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda **kw: fake_ray.calls.append(kw) or SimpleNamespace(dashboard_url=""))
+    with caplog.at_level("WARNING", logger="d2vlm_ray.pipelines.runtime"):
+        assert ensure_ray(2) is True
+    assert "the Ray dashboard did not start" in caplog.text
+    caplog.clear()
+    fake_ray.calls.clear()
+    with caplog.at_level("WARNING", logger="d2vlm_ray.pipelines.runtime"):
+        ensure_ray(2, dashboard=False)
+    assert caplog.text == "", "a dashboard that was not asked for is no warning"

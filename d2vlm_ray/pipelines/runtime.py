@@ -50,7 +50,9 @@ def ensure_ray(
             os.environ.setdefault(key, value)
         context = ray.init(
             num_cpus=num_cpus or None,
-            include_dashboard=dashboard,
+            # None is Ray's "start it if it can": a dashboard that fails to start (a missing
+            # dependency, no free port) is logged, not raised, so the job still runs.
+            include_dashboard=None if dashboard else False,
             dashboard_host="127.0.0.1",
             log_to_driver=log_to_driver,
         )
