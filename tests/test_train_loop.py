@@ -164,23 +164,25 @@ def test_optimizer_has_two_learning_rates_and_no_frame_encoder(init_dir: Path) -
         param_groups(objective, OptimSettings())
 
 
-def test_embedding_lr_puts_the_vocabulary_in_its_own_group(init_dir: Path) -> None:
+def _tiny_groups(init_dir: Path, **optim: float) -> tuple[SFTObjective, list[dict], dict[int, str]]:
+    """The tiny SFT objective, its AdamW groups under ``OptimSettings(**optim)`` and parameter names by id."""
     model, _, _ = load_model(init_dir, from_dict(ModelConfig, {"preset": "tiny"}).lora)
     objective = SFTObjective(model, LossSettings())
-    groups = param_groups(objective, OptimSettings(lr=1e-3, lora_lr=3e-3, embedding_lr=2e-5))
-    assert [(g["name"], g["lr"]) for g in groups] == [("lora", 3e-3), ("embedding", 2e-5), ("other", 1e-3)]
     names = {id(p): n for n, p in objective.named_parameters()}
+    return objective, param_groups(objective, OptimSettings(**optim)), names
+
+
+def test_embedding_lr_puts_the_vocabulary_in_its_own_group(init_dir: Path) -> None:
+    _, groups, names = _tiny_groups(init_dir, lr=1e-3, lora_lr=3e-3, embedding_lr=2e-5)
+    assert [(g["name"], g["lr"]) for g in groups] == [("lora", 3e-3), ("embedding", 2e-5), ("other", 1e-3)]
     vocab = {names[id(p)] for p in groups[1]["params"]}
     assert vocab and all("embed_tokens" in n or "lm_head" in n for n in vocab)
     assert not any("embed_tokens" in names[id(p)] or "lm_head" in names[id(p)] for p in groups[2]["params"])
 
 
 def test_compressor_lr_puts_the_q_former_in_its_own_group(init_dir: Path) -> None:
-    model, _, _ = load_model(init_dir, from_dict(ModelConfig, {"preset": "tiny"}).lora)
-    objective = SFTObjective(model, LossSettings())
-    groups = param_groups(objective, OptimSettings(lr=1e-3, lora_lr=3e-3, compressor_lr=1e-4))
+    objective, groups, names = _tiny_groups(init_dir, lr=1e-3, lora_lr=3e-3, compressor_lr=1e-4)
     assert [(g["name"], g["lr"]) for g in groups] == [("lora", 3e-3), ("compressor", 1e-4), ("other", 1e-3)]
-    names = {id(p): n for n, p in objective.named_parameters()}
     compressor = {names[id(p)] for p in groups[1]["params"]}
     assert compressor and all(n.startswith("model.compressor.") for n in compressor)
     trained = {n for n, p in objective.named_parameters() if p.requires_grad and n.startswith("model.compressor.")}
