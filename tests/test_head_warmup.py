@@ -94,16 +94,9 @@ def test_fit_moves_only_the_heads_and_lowers_the_loss() -> None:
 
     def mean_bce() -> float:
         with torch.no_grad():
-            return float(
-                np.mean(
-                    [
-                        grounding_bce(
-                            model.evidence_scores(ex.query_states, model.frm_head(ex.key_states)), ex.spans_idx, 2.0
-                        )
-                        for ex in examples
-                    ]
-                )
-            )
+            logits = [model.evidence_scores(ex.query_states, model.frm_head(ex.key_states)) for ex in examples]
+            losses = [grounding_bce(lg, ex.spans_idx, model.alpha) for lg, ex in zip(logits, examples)]
+        return float(torch.stack(losses).mean())
 
     loss_before = mean_bce()
     updates, _ = fit_heads(model, examples, steps=60, lr=3e-3, seed=0)
